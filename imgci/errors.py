@@ -1,0 +1,162 @@
+"""Every error imgci raises on purpose. This module imports nothing from imgci.
+
+Contract: code inside imgci raises only subclasses of :class:`ImgciError` for conditions a user can cause or
+fix (bad input, unreachable registry, full disk, corrupt data). Third-party exceptions (requests, sqlite3,
+OSError) are translated into these where they are raised. The CLI catches ``ImgciError`` at its boundary and
+prints ``error: <message>`` (plus the hint) without a traceback; anything else is a bug and keeps its traceback.
+
+Hierarchy::
+
+    ImgciError
+    ├── UsageError                  bad command-line input
+    ├── InvalidReferenceError       an image reference that does not parse
+    ├── DigestError
+    │   ├── InvalidDigestError      a malformed digest string (rejected before any path is built)
+    │   └── DigestMismatchError     content does not hash or size to what was declared
+    ├── StoreError                  the local state store
+    │   ├── ImageNotFoundError      no such ref in the store
+    │   ├── BlobNotFoundError       a blob the store should have is missing
+    │   ├── StoreCorruptError       the index or a blob failed verification
+    │   └── StorageFullError        ENOSPC / EDQUOT while writing
+    ├── ArchiveError                layer / rootfs tarballs
+    │   ├── UnsafeArchiveError      an entry would escape its target or is not allowed
+    │   └── CorruptArchiveError     truncated or malformed archive or compression stream
+    ├── PlatformError               no manifest for the requested platform
+    ├── CredentialsError            config.json or a credential helper failed
+    └── RegistryError               talking to a registry (carries registry, repository, digest, status)
+        ├── RegistryUnreachableError  connection refused / reset / timed out / DNS (temporary)
+        ├── AuthenticationError       401: credentials missing or wrong
+        ├── AuthorizationError        403: authenticated but not allowed
+        ├── RegistryNotFoundError     404: repository, manifest or blob unknown
+        └── RegistryProtocolError     the registry answered something the spec does not allow
+"""
+
+from __future__ import annotations
+
+
+class ImgciError(Exception):
+    """Base of every error imgci raises for a condition the user can cause or fix.
+
+    ``hint`` is an optional next step for the user ("run imgci login …").
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(ImgciError):
+    """Bad command-line input."""
+
+
+class InvalidReferenceError(ImgciError):
+    """An image reference that does not parse."""
+
+
+class DigestError(ImgciError):
+    """A digest problem."""
+
+
+class InvalidDigestError(DigestError):
+    """A digest string that is not ``algorithm:hex`` of a supported algorithm."""
+
+
+class DigestMismatchError(DigestError):
+    """Content whose digest or size differs from what was declared."""
+
+    def __init__(self, message: str, *, expected: str = "", actual: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.expected = expected
+        self.actual = actual
+
+
+class StoreError(ImgciError):
+    """The local state store."""
+
+
+class ImageNotFoundError(StoreError):
+    """No image with that reference in the local store."""
+
+
+class BlobNotFoundError(StoreError):
+    """A blob the store should have is missing."""
+
+
+class StoreCorruptError(StoreError):
+    """The index or a blob failed verification."""
+
+
+class StorageFullError(StoreError):
+    """The disk holding the state directory (or an output) is full."""
+
+
+class ArchiveError(ImgciError):
+    """A layer or rootfs archive problem."""
+
+
+class UnsafeArchiveError(ArchiveError):
+    """An archive entry that would escape its target directory or is not allowed."""
+
+
+class CorruptArchiveError(ArchiveError):
+    """A truncated or malformed archive or compression stream."""
+
+
+class PlatformError(ImgciError):
+    """No manifest in an index matches the requested platform."""
+
+
+class CredentialsError(ImgciError):
+    """docker's config.json or a credential helper could not be used."""
+
+
+class RegistryError(ImgciError):
+    """A registry request failed.
+
+    ``temporary`` says whether retrying the same request may succeed (408, 429, 5xx, connection errors);
+    the transport retries exactly those. ``retry_after`` is the server's requested delay in seconds, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        registry: str = "",
+        repository: str = "",
+        digest: str = "",
+        status: int | None = None,
+        temporary: bool = False,
+        retry_after: float | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.registry = registry
+        self.repository = repository
+        self.digest = digest
+        self.status = status
+        self.temporary = temporary
+        self.retry_after = retry_after
+
+
+class RegistryUnreachableError(RegistryError):
+    """Connection refused, reset or timed out, or the host name does not resolve."""
+
+
+class AuthenticationError(RegistryError):
+    """401: no credentials, or wrong ones."""
+
+
+class AuthorizationError(RegistryError):
+    """403: the credentials are valid but not allowed to do this."""
+
+
+class RegistryNotFoundError(RegistryError):
+    """404: the repository, manifest or blob does not exist."""
+
+
+class RegistryProtocolError(RegistryError):
+    """The registry answered something the distribution spec does not allow."""
