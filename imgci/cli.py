@@ -1,0 +1,500 @@
+"""The ``imgci`` command line: argument parsing, the docker-like commands, and the error boundary.
+
+Contract: this is the only module that prints. Every ``ImgciError`` is reported as ``error: <message>`` (plus a
+``hint:`` line) on stderr with exit status 1 and no traceback (``--debug`` adds it); a usage error exits 2;
+Ctrl-C exits 130. Heavy modules (requests, the registry client, archive code) are imported by the command that
+needs them, so ``imgci ls`` and ``imgci version`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from imgci import __version__
+from imgci.errors import ImgciError, UsageError
+from imgci.ui import Progress, human_ago, human_created, human_size, table
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from imgci.store import Store
+
+    return Store(Path(args.state) if args.state else None)
+
+
+def _platform(args: argparse.Namespace) -> Any:
+    from imgci.oci import Platform
+
+    return Platform.parse(args.platform) if getattr(args, "platform", None) else Platform.host()
+
+
+def _insecure(args: argparse.Namespace) -> set[str]:
+    hosts = set(getattr(args, "insecure_registry", None) or [])
+    hosts |= {h.strip() for h in os.environ.get("IMGCI_INSECURE_REGISTRIES", "").split(",") if h.strip()}
+    return hosts
+
+
+def _client_factory(args: argparse.Namespace) -> Callable[[str], Any]:
+    from imgci.registry import RegistryClient
+
+    insecure = _insecure(args)
+
+    def factory(registry: str) -> Any:
+        return RegistryClient(registry, insecure=registry in insecure)
+
+    return factory
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    return Progress(getattr(args, "progress", "auto") or "auto")
+
+
+# -- commands ----------------------------------------------------------------------------------------------------
+def cmd_version(args: argparse.Namespace) -> int:
+    import platform
+
+    print(f"imgci version {__version__}")
+    print(f"python:   {platform.python_version()} ({sys.executable})")
+    print(f"platform: {platform.system().lower()}/{platform.machine()}")
+    from imgci.store import default_root
+
+    print(f"state:    {args.state or default_root()}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from imgci.images import list_images
+
+    store = _store(args)
+    images = list_images(store, args.filter)
+    if args.quiet:
+        for img in images:
+            print(img.digest.value if args.digests else img.familiar)
+        return 0
+    if args.format == "json":
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": i.name,
+                        "digest": i.digest.value,
+                        "mediaType": i.media_type,
+                        "size": i.size,
+                        "created": i.created,
+                        "updated": i.updated,
+                        "platforms": list(i.platforms),
+                    }
+                    for i in images
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    rows = [["NAME", "SIZE", "CREATED AT", "UPDATED AT", "DIGEST"]]
+    now = time.time()
+    for i in images:
+        rows.append(
+            [i.familiar, human_size(i.size), human_created(i.created, now), human_ago(i.updated, now), i.digest.value]
+        )
+    table(rows, sys.stdout)
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from imgci.images import tag
+
+    tag(_store(args), args.source, args.target)
+    print(f"Successfully tagged {args.source} as {args.target}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from imgci.images import remove
+
+    removed, blobs, freed = remove(_store(args), args.images)
+    for rec in removed:
+        print(f"Untagged: {rec.name}")
+    print(f"Deleted {blobs} blobs, reclaimed {human_size(freed)}")
+    return 0
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    from imgci.images import disk_usage
+
+    rows_data = disk_usage(_store(args))
+    if args.filter:
+        for f in args.filter:
+            key, _, value = f.partition("=")
+            if key != "reclaimable" or value not in ("true", "false"):
+                raise UsageError(f"invalid du filter {f!r}: supported is reclaimable=true|false")
+            rows_data = [r for r in rows_data if r.reclaimable == (value == "true")]
+    rows = [["ID", "RECLAIMABLE", "SIZE", "DESCRIPTION"]]
+    for r in rows_data:
+        rows.append([r.digest.value, str(r.reclaimable).lower(), human_size(r.size), r.description])
+    table(rows, sys.stdout)
+    print(f"Reclaimable:\t{human_size(sum(r.size for r in rows_data if r.reclaimable))}")
+    print(f"Total:\t\t{human_size(sum(r.size for r in rows_data))}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from imgci.images import disk_usage
+
+    store = _store(args)
+    candidates = [r for r in disk_usage(store) if r.reclaimable]
+    blobs, freed = store.gc(dry_run=args.dry_run)
+    rows = [["ID", "RECLAIMABLE", "SIZE", "DESCRIPTION"]]
+    for r in candidates:
+        rows.append([r.digest.value, "true", human_size(r.size), r.description])
+    if len(rows) > 1:
+        table(rows, sys.stdout)
+    verb = "Would reclaim" if args.dry_run else "Reclaimed"
+    print(f"{verb}:\t{human_size(freed)} ({blobs} blobs)")
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    store = _store(args)
+    problems = store.fsck()
+    for p in problems:
+        print(f"problem: {p}")
+    if problems:
+        print(f"{len(problems)} problem(s) found in {store.root}", file=sys.stderr)
+        return 1
+    print(f"ok: {sum(1 for _ in store.iter_blobs())} blobs and {len(store.list_refs())} refs verified")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from imgci.images import config_of, resolve
+
+    store = _store(args)
+    rec = resolve(store, args.image)
+    platform = _platform(args) if args.platform else None
+    if args.type == "index":
+        sys.stdout.write(store.read_blob(rec.digest).decode() + "\n")
+        return 0
+    manifest, cfg = config_of(store, rec, platform)
+    if args.type == "manifest":
+        sys.stdout.write(manifest.raw.decode() + "\n")
+    elif args.type == "config":
+        print(json.dumps(cfg.doc, indent=2))
+    else:
+        out = {
+            "Name": rec.name,
+            "Digest": rec.digest.value,
+            "MediaType": rec.media_type,
+            "Manifest": json.loads(manifest.raw),
+            "Config": cfg.doc,
+        }
+        print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from imgci import reference
+    from imgci.transfer import pull_image
+
+    store = _store(args)
+    ref = reference.parse(args.image)
+    print(f"Pulling {ref}...")
+    progress = _progress(args)
+    try:
+        result = pull_image(
+            store, ref, platform=_platform(args), client_factory=_client_factory(args), progress=progress
+        )
+    finally:
+        progress.close()
+    print(f"Digest: {result.digest}")
+    print(f"Size: {human_size(result.size)}")
+    print(f"Pulled {result.name}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from imgci import reference
+    from imgci.images import resolve
+    from imgci.transfer import push_image
+
+    store = _store(args)
+    rec = resolve(store, args.image)
+    dest = reference.parse(args.destination or args.image)
+    print(f"Pushing {dest}...")
+    progress = _progress(args)
+    try:
+        result = push_image(store, rec.name, dest, client_factory=_client_factory(args), progress=progress)
+    finally:
+        progress.close()
+    print(
+        f"Uploaded {result.uploaded_blobs} blobs ({human_size(result.uploaded_bytes)}), "
+        f"{result.skipped_blobs} already present, {result.mounted_blobs} mounted"
+    )
+    print(f"Successfully pushed {dest}@{result.digest}")
+    return 0
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from imgci.archive import save_docker_archive, save_oci_layout
+    from imgci.images import resolve
+
+    store = _store(args)
+    images = []
+    for name in args.images:
+        rec = resolve(store, name)
+        images.append((rec.name, rec.digest))
+    save = save_oci_layout if args.format == "oci" else save_docker_archive
+    if args.output:
+        out_path = Path(args.output)
+        tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                save(store, images, f)
+            os.replace(tmp, out_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        print(f"Saved {', '.join(args.images)} to {out_path}", file=sys.stderr)
+    else:
+        if sys.stdout.isatty():
+            raise UsageError("refusing to write a tar archive to a terminal; use -o FILE or redirect stdout")
+        save(store, images, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from imgci.archive import load_archive
+
+    store = _store(args)
+    if args.input:
+        with open(args.input, "rb") as f:
+            names = load_archive(store, f)
+    else:
+        names = load_archive(store, sys.stdin.buffer)
+    for n in names:
+        print(f"Loaded image: {n}")
+    return 0
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    from imgci.images import config_of, resolve
+    from imgci.layerfs import unpack_image
+
+    store = _store(args)
+    rec = resolve(store, args.image)
+    manifest, _cfg = config_of(store, rec, _platform(args) if args.platform else None)
+    target = Path(args.output or "rootfs").absolute()
+    if target.exists() and any(target.iterdir()):
+        raise UsageError(f"output directory {target} is not empty")
+    stats = unpack_image(store, manifest, target)
+    for w in getattr(stats, "warnings", []) or []:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"Successfully unpacked rootfs for {args.image} to: {target}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from imgci import reference
+    from imgci.archive import import_rootfs
+
+    store = _store(args)
+    changes: dict[str, Any] = {}
+    for c in args.change or []:
+        key, _, value = c.partition("=")
+        changes[key.strip()] = value
+    name = str(reference.parse(args.name)) if args.name else None
+    src = sys.stdin.buffer if args.file == "-" else Path(args.file)
+    desc = import_rootfs(store, src, platform=_platform(args), changes=changes, compression=args.compression)
+    if name:
+        store.set_ref(name, desc)
+        print(f"Imported {args.file} as {name}")
+    print(desc.digest.value)
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from imgci.registry import login
+
+    server = args.server or "docker.io"
+    username = args.username
+    password = args.password
+    if args.password_stdin:
+        if password:
+            raise UsageError("--password and --password-stdin are mutually exclusive")
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif password:
+        print("warning: using --password on the command line is insecure; use --password-stdin", file=sys.stderr)
+    if not username:
+        if not sys.stdin.isatty():
+            raise UsageError("login needs --username (and --password-stdin) when stdin is not a terminal")
+        username = input("Username: ")
+    if not password:
+        import getpass
+
+        password = getpass.getpass("Password: ")
+    registry = login(server, username, password, insecure=server in _insecure(args))
+    print(f"Login Succeeded ({registry})")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    from imgci.registry import logout
+
+    registry = logout(args.server or "docker.io")
+    print(f"Removing login credentials for {registry}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------------------------
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("global options")
+    g.add_argument("-s", "--state", default=argparse.SUPPRESS, help="state directory (env IMGCI_STATE)")
+    g.add_argument("-d", "--debug", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    g.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="HOST",
+        help="allow plain HTTP / unverified TLS for HOST[:PORT] (repeatable; env IMGCI_INSECURE_REGISTRIES)",
+    )
+    g.add_argument(
+        "--progress",
+        choices=["auto", "tty", "plain", "json", "quiet"],
+        default=argparse.SUPPRESS,
+        help="progress output (default auto: live on a terminal, plain lines in CI)",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="imgci",
+        description="Daemon-less, unprivileged Dockerfile and OCI image builder for CI.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        sp.set_defaults(handler=handler)
+        return sp
+
+    p = add("pull", cmd_pull, "Pull an image from a registry.")
+    p.add_argument("image", metavar="NAME[:TAG|@DIGEST]")
+    p.add_argument("--platform", help="os/arch[/variant] to pull from a multi-platform image (default: host)")
+
+    p = add("push", cmd_push, "Push an image to a registry.")
+    p.add_argument("image", metavar="NAME[:TAG]")
+    p.add_argument("destination", nargs="?", metavar="DEST[:TAG]", help="push under another name (default NAME)")
+
+    p = add("tag", cmd_tag, "Create a tag TARGET_IMAGE that refers to SOURCE_IMAGE.")
+    p.add_argument("source", metavar="SOURCE_IMAGE[:TAG]")
+    p.add_argument("target", metavar="TARGET_IMAGE[:TAG]")
+
+    p = add("ls", cmd_ls, "List images and digests.")
+    p.add_argument("-f", "--filter", action="append", default=[], help="reference=GLOB, digest=, label=K[=V], ...")
+    p.add_argument("-q", "--quiet", action="store_true", help="only names")
+    p.add_argument("--digests", action="store_true", help="with -q: print digests")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = add("rm", cmd_rm, "Remove one or more images.")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+
+    p = add("save", cmd_save, "Save images to a tar archive (streamed to STDOUT by default).")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-o", "--output", help="write to a file, instead of STDOUT")
+    p.add_argument("--format", choices=["docker", "oci"], default="docker", help="archive format (default docker)")
+
+    p = add("load", cmd_load, "Load images from a docker-archive or OCI-layout tar (STDIN by default).")
+    p.add_argument("-i", "--input", help="read from a file instead of STDIN")
+
+    p = add("unpack", cmd_unpack, "Unpack an image to a rootfs directory.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("-o", "--output", help="directory to unpack to (default ./rootfs)")
+    p.add_argument("--platform", help="platform to unpack from a multi-platform image")
+
+    p = add("inspect", cmd_inspect, "Show an image's manifest and config as JSON.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--type", choices=["all", "manifest", "config", "index"], default="all")
+    p.add_argument("--platform", help="platform to show from a multi-platform image")
+
+    p = add("import", cmd_import, "Create an image from a rootfs tarball (like docker import).")
+    p.add_argument("file", metavar="FILE|-", help="rootfs tarball (any compression), or - for STDIN")
+    p.add_argument("name", nargs="?", metavar="NAME[:TAG]")
+    p.add_argument("-c", "--change", action="append", help="config change: CMD=..., ENTRYPOINT=..., ENV=K=V, ...")
+    p.add_argument("--platform", help="platform to record (default: host)")
+    p.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip")
+
+    p = add("du", cmd_du, "Show disk usage of the state store.")
+    p.add_argument("-f", "--filter", action="append", default=[], help="reclaimable=true|false")
+
+    p = add("prune", cmd_prune, "Remove blobs no image or cache entry references.")
+    p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+
+    add("fsck", cmd_fsck, "Verify every blob's digest and every image's references.")
+
+    p = add("login", cmd_login, "Log in to a registry (writes docker's config.json).")
+    p.add_argument("server", nargs="?", metavar="SERVER", help="registry host (default Docker Hub)")
+    p.add_argument("-u", "--username")
+    p.add_argument("-p", "--password")
+    p.add_argument("--password-stdin", action="store_true", help="take the password from STDIN")
+
+    p = add("logout", cmd_logout, "Log out from a registry.")
+    p.add_argument("server", nargs="?", metavar="SERVER")
+
+    add("version", cmd_version, "Show the version information.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, default in (("state", None), ("debug", False), ("insecure_registry", []), ("progress", "auto")):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    if args.state is None and os.environ.get("IMGCI_STATE"):
+        args.state = os.environ["IMGCI_STATE"]
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return 2
+    except ImgciError as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # e.g. `imgci save img | head`: the reader went away; not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
