@@ -95,7 +95,8 @@ class FaultProxy:
         self.port = self._httpd.server_address[1]
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="faultproxy", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="faultproxy",
+                                        daemon=True)
         self._thread.start()
 
     # -- rules and records ---------------------------------------------------------------------------

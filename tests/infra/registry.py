@@ -191,7 +191,7 @@ class RegistryServer:
             self._proc = subprocess.Popen(
                 [binary, "serve", str(self.config_path)],
                 stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
-                cwd=self.workdir, env=env, start_new_session=True,
+                cwd=self.workdir, env=env,
             )
             if self._wait_ready(timeout):
                 return

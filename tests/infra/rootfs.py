@@ -156,9 +156,10 @@ def make_busybox_rootfs_tar(path: str | Path, *, extra_files: Mapping[str, bytes
     when the content starts with ``#!``), creating missing parent directories; they replace defaults of the
     same name. Everything is owned by 0:0 with mtime ``mtime``, sorted by name.
     """
-    if shutil.which(busybox) is None and not Path(busybox).exists():
-        raise FileNotFoundError(f"busybox not found at {busybox}")
-    binary = Path(busybox).read_bytes()
+    found = shutil.which(busybox)
+    if found is None:
+        raise FileNotFoundError(f"no executable busybox at {busybox}")
+    binary = Path(found).read_bytes()
     files: dict[str, tuple[bytes, int]] = {
         "bin/busybox": (binary, 0o755),
         "etc/passwd": (PASSWD, 0o644),
@@ -170,7 +171,7 @@ def make_busybox_rootfs_tar(path: str | Path, *, extra_files: Mapping[str, bytes
     for name in files:
         for parent in _parents(name):
             dirs.setdefault(parent, 0o755)
-    links = {f"bin/{applet}": "busybox" for applet in busybox_applets(busybox) if f"bin/{applet}" not in files}
+    links = {f"bin/{applet}": "busybox" for applet in busybox_applets(found) if f"bin/{applet}" not in files}
 
     entries: list[TarEntry] = [directory(d, mode, mtime=mtime) for d, mode in dirs.items()]
     entries += [file(n, data, mode, mtime=mtime) for n, (data, mode) in files.items()]

@@ -109,7 +109,8 @@ class TokenServer:
         self.port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.realm = f"{self.url}/token"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="tokenserver", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="tokenserver",
+                                        daemon=True)
         self._thread.start()
 
     # -- recording -----------------------------------------------------------------------------------
