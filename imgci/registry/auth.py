@@ -28,7 +28,7 @@ from typing import Protocol
 from imgci.errors import AuthenticationError, AuthorizationError, RegistryError, RegistryProtocolError
 from imgci.registry.credentials import Credentials
 
-_DEFAULT_EXPIRES_IN = 60  # seconds; what the docker token spec says to assume, and its minimum
+_DEFAULT_EXPIRES_IN = 60.0  # seconds; what the docker token spec says to assume when expires_in is absent
 _CLIENT_ID = "imgci"
 
 # token68 or auth-param list; RFC 7235 section 2.1
@@ -286,7 +286,7 @@ class Authenticator:
         try:
             doc = json.loads(body)
             token = str(doc.get("token") or doc.get("access_token") or "")
-            expires_in = float(doc.get("expires_in") or _DEFAULT_EXPIRES_IN)
+            expires_in = float(doc.get("expires_in") or 0) or _DEFAULT_EXPIRES_IN
         except (ValueError, AttributeError, TypeError):
             raise RegistryProtocolError(
                 f"the token server of registry {self.registry} answered something that is not a token response",
@@ -296,4 +296,4 @@ class Authenticator:
             raise RegistryProtocolError(
                 f"the token server of registry {self.registry} answered without a token", registry=self.registry
             )
-        return token, max(expires_in, _DEFAULT_EXPIRES_IN)
+        return token, expires_in if expires_in > 0 else _DEFAULT_EXPIRES_IN

@@ -352,8 +352,8 @@ def test_busybox_rootfs_tar(tmp_path: Path) -> None:
 def test_busybox_rootfs_runs(tmp_path: Path) -> None:
     path = rootfs.make_busybox_rootfs_tar(tmp_path / "rootfs.tar")
     root = tmp_path / "root"
-    with tarfile.open(path) as tar:
-        tar.extractall(root, filter="fully_trusted")
+    root.mkdir()
+    subprocess.run(["tar", "-xf", str(path), "-C", str(root)], check=True)  # a trusted tar we just made
     out = subprocess.run(["chroot", str(root), "/bin/sh", "-c", "echo hello from $(id -un)"],
                          capture_output=True, text=True, check=True, timeout=10)
     assert out.stdout.strip() == "hello from root"
