@@ -51,7 +51,7 @@ def human_created(created: str, now: float | None = None) -> str:
     text = created.replace("Z", "+00:00")
     if "." in text:  # Go writes nanoseconds; Python parses at most microseconds
         head, _, tail = text.partition(".")
-        digits = "".join(c for c in tail if c.isdigit())
+        digits = tail[: len(tail) - len(tail.lstrip("0123456789"))]
         text = head + "." + digits[:6] + tail[len(digits) :]
     try:
         ts = datetime.fromisoformat(text).timestamp()

@@ -1,0 +1,63 @@
+"""The image commands as a real unprivileged user (created by the test when run as root) on its own state dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.infra.registry import RegistryServer
+from tests.integration.rootless import RootlessUser
+
+
+@pytest.fixture(scope="module")
+def user(tmp_path_factory: pytest.TempPathFactory) -> RootlessUser:
+    return RootlessUser.create(tmp_path_factory.mktemp("rootless"))
+
+
+def test_unprivileged_user_pull_push_save_unpack(
+    user: RootlessUser, registry: RegistryServer, busybox_tar: Path
+) -> None:
+    home = user.private_dir()
+    try:
+        tar = home / "busybox.tar"
+        shutil.copy(busybox_tar, tar)
+        os.chmod(tar, 0o644)
+        assert user.run(["id", "-u"]).stdout.decode().strip() == str(user.uid)
+        if os.geteuid() == 0:
+            assert user.uid != 0
+
+        state = home / "state"
+        (home / "docker").mkdir()
+        if os.geteuid() == 0:
+            os.chown(home / "docker", user.uid, user.gid)
+        name = f"{registry.host}/rootless/busybox:1"
+        user.imgci("import", str(tar), name, "--change", 'CMD=["sh"]', state=state)
+        pushed = user.imgci("push", name, state=state)
+        assert "Successfully pushed" in pushed
+
+        state2 = home / "state2"
+        pulled = user.imgci("pull", name, state=state2)
+        assert "Digest: sha256:" in pulled
+        listing = json.loads(user.imgci("ls", "--format", "json", state=state2))
+        assert [i["name"] for i in listing] == [name]
+
+        archive = home / "busybox.tar.out"
+        user.imgci("save", name, "-o", str(archive), state=state2)
+        assert archive.stat().st_uid == user.uid and archive.stat().st_size > 500_000
+
+        rootfs = home / "rootfs"
+        user.imgci("unpack", name, "-o", str(rootfs), state=state2)
+        assert (rootfs / "bin" / "busybox").stat().st_uid == user.uid  # unprivileged: files belong to the user
+        out = user.run([str(rootfs / "bin" / "sh"), "-c", "echo rootless ok"]).stdout.decode()
+        assert out.strip() == "rootless ok"
+
+        # everything in the state dirs belongs to the user: nothing needed root
+        for p in [*state.rglob("*"), *state2.rglob("*")]:
+            assert p.lstat().st_uid == user.uid, p
+        assert "ok:" in user.imgci("fsck", state=state2)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
