@@ -22,7 +22,7 @@ def test_human_ago_and_created() -> None:
     assert human_ago(0.0, now=1800.0) == "30 minutes ago"
     assert human_ago(0.0, now=86400 * 2) == "2 days ago"
     assert human_created("1970-01-01T00:00:00Z", now=3600.0) == "1 hour ago"
-    assert human_created("1970-01-01T00:00:00.123456789Z", now=7200.0) == "2 hours ago"
+    assert human_created("1970-01-01T00:00:00.123456789Z", now=7200.5) == "2 hours ago"
     assert human_created("", now=0) == "N/A"
 
 
