@@ -306,10 +306,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from imgci.archive import import_rootfs
 
     store = _store(args)
-    changes: dict[str, Any] = {}
-    for c in args.change or []:
-        key, _, value = c.partition("=")
-        changes[key.strip()] = value
+    changes = _parse_changes(args.change or [])
     name = str(reference.parse(args.name)) if args.name else None
     src = sys.stdin.buffer if args.file == "-" else Path(args.file)
     desc = import_rootfs(store, src, platform=_platform(args), changes=changes, compression=args.compression)
@@ -318,6 +315,36 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"Imported {args.file} as {name}")
     print(desc.digest.value)
     return 0
+
+
+_MULTI_CHANGES = {"env", "label", "labels", "expose", "exposedports", "volume", "volumes"}
+
+
+def _parse_changes(items: list[str]) -> dict[str, Any]:
+    """``--change`` values as docker spells them (``CMD ["sh"]``, ``ENV A=1``) or as ``KEY=VALUE``."""
+    import re
+
+    changes: dict[str, Any] = {}
+    for c in items:
+        m = re.match(r"^\s*([A-Za-z]+)(?:\s+|=)(.*)$", c, re.S)
+        if not m:
+            raise UsageError(f"invalid --change {c!r}: expected INSTRUCTION VALUE, e.g. 'CMD [\"sh\"]' or 'ENV A=1'")
+        key, value = m.group(1), m.group(2).strip()
+        if key.lower() in _MULTI_CHANGES:
+            if key.lower() == "env" and "=" not in value and " " in value:  # ENV KEY VALUE (legacy form)
+                value = "=".join(value.split(None, 1))
+            if key.lower() in ("expose", "volume"):
+                values = value.split()
+            elif key.lower() in ("env", "label", "labels"):
+                import shlex
+
+                values = shlex.split(value)  # ENV A=1 B="two words"
+            else:
+                values = [value]
+            changes.setdefault(key, []).extend(values)
+        else:
+            changes[key] = value
+    return changes
 
 
 def cmd_login(args: argparse.Namespace) -> int:
@@ -431,7 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("import", cmd_import, "Create an image from a rootfs tarball (like docker import).")
     p.add_argument("file", metavar="FILE|-", help="rootfs tarball (any compression), or - for STDIN")
     p.add_argument("name", nargs="?", metavar="NAME[:TAG]")
-    p.add_argument("-c", "--change", action="append", help="config change: CMD=..., ENTRYPOINT=..., ENV=K=V, ...")
+    p.add_argument(
+        "-c",
+        "--change",
+        action="append",
+        help="apply a Dockerfile instruction: 'CMD [\"sh\"]', 'ENV K=V', 'WORKDIR /app', ... (repeatable)",
+    )
     p.add_argument("--platform", help="platform to record (default: host)")
     p.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip")
 

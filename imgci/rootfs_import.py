@@ -108,6 +108,8 @@ def _container_config(changes: dict[str, Any] | None) -> dict[str, Any]:
         elif key in ("ExposedPorts", "Volumes"):
             if isinstance(value, str):
                 value = _json_strings(value) or value.split()
+            if key == "ExposedPorts":  # docker records ports with their protocol: 80 -> 80/tcp
+                value = [v if "/" in str(v) else f"{v}/tcp" for v in value]
             config[key] = {**config.get(key, {}), **{str(v): {} for v in value}}
         else:
             config[key] = str(value)
