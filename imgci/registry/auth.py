@@ -190,6 +190,7 @@ class Authenticator:
         self._fetch = fetch
         self.cache = cache if cache is not None else TokenCache()
         self._lock = threading.Lock()
+        self._fetch_lock = threading.Lock()  # parallel requests needing the same token fetch it once
         self._challenge: Challenge | None = None
 
     @property
@@ -204,13 +205,14 @@ class Authenticator:
                 self._loaded = True
             return self._credentials
 
-    def set_challenge(self, header: str) -> bool:
-        """Adopt the first Bearer or Basic challenge of ``header``; False when there is none imgci supports."""
+    def set_challenge(self, header: str) -> tuple[str, ...] | None:
+        """Adopt the first Bearer or Basic challenge of ``header`` for later requests and return the scopes it
+        asks for (used only for the request it answered); None when there is no challenge imgci supports."""
         for ch in parse_www_authenticate(header):
             if ch.scheme in ("bearer", "basic"):
-                self._challenge = ch
-                return True
-        return False
+                self._challenge = Challenge(ch.scheme, {k: v for k, v in ch.params.items() if k != "scope"})
+                return tuple(ch.scopes)
+        return None
 
     def authorization(self, scopes: tuple[str, ...], *, fresh: bool = False) -> str | None:
         """The header value for a request needing ``scopes``; None when no challenge was seen (anonymous)."""
@@ -224,13 +226,18 @@ class Authenticator:
             return basic_header(creds.username, creds.password)
         if creds is not None and creds.registry_token:
             return "Bearer " + creds.registry_token
-        scopes = merge_scopes(scopes, ch.scopes)
+        scopes = merge_scopes(scopes)
         if not fresh:
             cached = self.cache.get(self.registry, scopes)
             if cached is not None:
                 return "Bearer " + cached
-        token, expires_in = self._fetch_token(ch, scopes, creds)
-        self.cache.put(self.registry, scopes, token, expires_in)
+        with self._fetch_lock:
+            if not fresh:  # another thread may have fetched it while this one waited
+                cached = self.cache.get(self.registry, scopes)
+                if cached is not None:
+                    return "Bearer " + cached
+            token, expires_in = self._fetch_token(ch, scopes, creds)
+            self.cache.put(self.registry, scopes, token, expires_in)
         return "Bearer " + token
 
     def forget(self, authorization: str | None) -> None:

@@ -1,0 +1,401 @@
+"""Pull images from a registry into the Store, and push images from the Store to a registry.
+
+Contract (pull):
+- The reference resolves to a manifest, or to an index from which the requested platform is selected
+  (attestation entries are never chosen). Config and layers download in parallel (bounded), blobs the store already
+  has are claimed instead of downloaded, and every blob is verified (size and digest) before it becomes visible.
+- Documents are written after the blobs they point to: layers and config, then the manifest, then the index (kept
+  so a digest-pinned index reference stays resolvable), then the ref — ``registry/repo:tag``, or
+  ``registry/repo@digest`` for a digest reference — pointing at the selected platform manifest. A failure leaves no
+  ref and no unverified blob.
+
+Contract (push):
+- The local ref may name a manifest, or an index whose child manifests are all in the store. Each blob is checked
+  with HEAD; a missing one is mounted from another repository of the same registry when one is known to hold it
+  (``mount_from`` hints, plus local images pulled from that registry), else uploaded; blobs go in parallel.
+  Manifests go last: an index's children by digest, then the top document by tag (or by digest).
+
+Progress goes to an optional callback as :class:`TransferEvent` objects (possibly from worker threads); this
+module never prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from imgci import reference as reference_mod
+from imgci.errors import BlobNotFoundError, DigestMismatchError, ImgciError, RegistryError, StoreCorruptError
+from imgci.oci import INDEX_TYPES, Descriptor, Digest, ImageConfig, Index, Manifest, Platform, parse_manifest_or_index
+from imgci.reference import Reference
+from imgci.store import Store
+
+if TYPE_CHECKING:
+    from imgci.registry.client import RegistryClient
+
+ClientFactory = Callable[[str], "RegistryClient"]
+T = TypeVar("T")
+DEFAULT_WORKERS = 4
+_PROGRESS_INTERVAL = 0.2  # seconds between progress events for one blob
+
+
+@dataclass(frozen=True)
+class TransferEvent:
+    """One progress event. ``key`` identifies the line it updates (a blob's short digest, or the image);
+    ``done`` says whether that line is final; ``message`` is a human rendering of the rest."""
+
+    action: str  # resolving resolved exists downloading downloaded uploading uploaded mounted manifest warning done
+    key: str
+    message: str
+    done: bool = True
+    digest: str = ""
+    current: int = 0
+    total: int = 0
+
+
+ProgressFn = Callable[[TransferEvent], None]
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """``digest`` is what the reference resolved to (the index for a multi-platform image); ``manifest`` is the
+    platform manifest the new ref ``name`` points at."""
+
+    name: str
+    reference: Reference
+    digest: Digest
+    media_type: str
+    manifest: Descriptor
+    platform: Platform | None
+    size: int
+    downloaded_bytes: int
+    downloaded_blobs: int
+    skipped_blobs: int
+
+
+@dataclass(frozen=True)
+class PushResult:
+    reference: Reference
+    digest: Digest
+    media_type: str
+    uploaded_bytes: int
+    uploaded_blobs: int
+    skipped_blobs: int
+    mounted_blobs: int
+
+
+class _Reporter:
+    """Throttled, thread-safe event emission."""
+
+    def __init__(self, progress: ProgressFn | None) -> None:
+        self._progress = progress
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+
+    def __call__(self, action: str, key: str, message: str, **kw: object) -> None:
+        if self._progress is not None:
+            self._progress(TransferEvent(action, key, message, **kw))  # type: ignore[arg-type]
+
+    def bytes_fn(self, action: str, verb: str, desc: Descriptor) -> Callable[[int], None]:
+        key = desc.digest.short
+        total = desc.size
+
+        def report(current: int) -> None:
+            if self._progress is None:
+                return
+            now = time.monotonic()
+            with self._lock:
+                if now - self._last.get(key, 0.0) < _PROGRESS_INTERVAL:
+                    return
+                self._last[key] = now
+            pct = f"{100 * current // total}%" if total else ""
+            self(
+                action,
+                key,
+                f"{key}: {verb} {pct}".rstrip(),
+                done=False,
+                digest=desc.digest.value,
+                current=current,
+                total=total,
+            )
+
+        return report
+
+
+def _parallel(items: Iterable[T], fn: Callable[[T], None], workers: int) -> None:
+    """Run ``fn`` on every item with at most ``workers`` threads; the first failure cancels what has not started
+    and is raised once the running ones have finished."""
+    todo = list(items)
+    if not todo:
+        return
+    if workers <= 1 or len(todo) == 1:
+        for item in todo:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, len(todo)), thread_name_prefix="imgci-transfer") as pool:
+        futures: list[Future[None]] = [pool.submit(fn, item) for item in todo]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # Ctrl-C: start nothing new; running transfers end with their current request
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None)
+        if failed is not None:
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            exc = failed.exception()
+            assert exc is not None
+            raise exc
+    for f in futures:
+        f.result()
+
+
+def _unique(descs: Iterable[Descriptor]) -> list[Descriptor]:
+    seen: dict[Digest, Descriptor] = {}
+    for d in descs:
+        seen.setdefault(d.digest, d)
+    return list(seen.values())
+
+
+# -- pull --------------------------------------------------------------------------------------------------------
+def pull_image(
+    store: Store,
+    ref: Reference,
+    *,
+    platform: Platform | None = None,
+    client_factory: ClientFactory,
+    progress: ProgressFn | None = None,
+    max_workers: int = DEFAULT_WORKERS,
+) -> PullResult:
+    """Pull ``ref`` (for ``platform``, default the host's) into ``store`` and name it; see the module contract."""
+    wanted = platform or Platform.host()
+    report = _Reporter(progress)
+    client = client_factory(ref.registry)
+    name = str(ref.with_digest(ref.digest)) if ref.digest is not None else str(ref.with_tag(ref.tag or "latest"))
+    report("resolving", name, f"{ref.familiar()}: resolving", done=False)
+    top = client.get_manifest(ref)
+    index_raw: bytes | None = None
+    chosen_platform: Platform | None = None
+    if top.media_type in INDEX_TYPES:
+        index = Index.parse(top.raw, top.media_type)
+        chosen = index.select(wanted)
+        chosen_platform = chosen.platform
+        fetched = client.get_manifest(ref.with_digest(chosen.digest))
+        if len(fetched.raw) != chosen.size:
+            raise DigestMismatchError(
+                f"manifest {chosen.digest} of {ref} is {len(fetched.raw)} bytes, the index says {chosen.size}",
+                expected=str(chosen.size),
+                actual=str(len(fetched.raw)),
+            )
+        manifest = Manifest.parse(fetched.raw, fetched.media_type)
+        manifest_desc = Descriptor(manifest.media_type, chosen.digest, chosen.size, chosen.platform)
+        index_raw = top.raw
+    else:
+        manifest = Manifest.parse(top.raw, top.media_type)
+        manifest_desc = Descriptor(manifest.media_type, top.digest, len(top.raw))
+    report("resolved", name, f"{ref.familiar()}: resolved to {top.digest}", digest=top.digest.value)
+
+    blobs = _unique([manifest.config, *manifest.layers])
+    counts = {"bytes": 0, "blobs": 0, "skipped": 0}
+    lock = threading.Lock()
+
+    def fetch(desc: Descriptor) -> None:
+        key = desc.digest.short
+        if store.claim(desc.digest):
+            if store.blob_size(desc.digest) != desc.size:
+                raise StoreCorruptError(f"blob {desc.digest} in the store is not {desc.size} bytes; run `imgci fsck`")
+            with lock:
+                counts["skipped"] += 1
+            report("exists", key, f"{key}: already exists", digest=desc.digest.value, total=desc.size)
+            return
+        on_bytes = report.bytes_fn("downloading", "downloading", desc)
+        on_bytes(0)
+        with store.blob_writer(desc.digest, desc.size) as writer:
+            client.fetch_blob(ref.repository, desc, writer, progress=on_bytes)
+            writer.commit()
+        with lock:
+            counts["bytes"] += desc.size
+            counts["blobs"] += 1
+        report("downloaded", key, f"{key}: pull complete", digest=desc.digest.value, current=desc.size, total=desc.size)
+
+    _parallel(blobs, fetch, max_workers)
+    _check_platform(store, manifest, wanted, chosen_platform, report, name)
+    store.write_blob(manifest.raw, manifest_desc.digest)
+    if index_raw is not None:
+        store.write_blob(index_raw, top.digest)
+    store.set_ref(name, manifest_desc)
+    size = manifest_desc.size + sum(d.size for d in blobs)
+    report("done", name, f"{ref.familiar()}: pulled {top.digest}", digest=top.digest.value)
+    return PullResult(
+        name=name,
+        reference=ref,
+        digest=top.digest,
+        media_type=top.media_type,
+        manifest=manifest_desc,
+        platform=chosen_platform,
+        size=size,
+        downloaded_bytes=counts["bytes"],
+        downloaded_blobs=counts["blobs"],
+        skipped_blobs=counts["skipped"],
+    )
+
+
+def _check_platform(
+    store: Store, manifest: Manifest, wanted: Platform, chosen: Platform | None, report: _Reporter, key: str
+) -> None:
+    """A single-platform image for another platform is kept (docker only refuses it for an explicit --platform),
+    but said out loud."""
+    if chosen is not None:
+        return
+    with contextlib.suppress(ImgciError, ValueError):
+        actual = ImageConfig.parse(store.read_blob(manifest.config.digest)).platform
+        if actual.architecture and not wanted.matches(actual):
+            report("warning", key, f"warning: the image's platform ({actual}) does not match {wanted}")
+
+
+# -- push --------------------------------------------------------------------------------------------------------
+@dataclass
+class _PushCounts:
+    uploaded_bytes: int = 0
+    uploaded: int = 0
+    skipped: int = 0
+    mounted: int = 0
+
+
+def _local_documents(
+    store: Store, digest: Digest, media_type: str
+) -> tuple[bytes, str, list[tuple[Descriptor, bytes]]]:
+    """(top raw, top media type, [(child descriptor, child raw)]) for a manifest or an index in the store."""
+    raw = store.read_blob(digest)
+    doc = parse_manifest_or_index(raw, media_type)
+    if isinstance(doc, Manifest):
+        return raw, doc.media_type, []
+    children: list[tuple[Descriptor, bytes]] = []
+    for child in doc.manifests:
+        if child.media_type in INDEX_TYPES:
+            raise BlobNotFoundError(f"index {digest} nests index {child.digest}; pushing nested indexes is unsupported")
+        try:
+            children.append((child, store.read_blob(child.digest)))
+        except BlobNotFoundError:
+            where = f" ({child.platform})" if child.platform else ""
+            raise BlobNotFoundError(
+                f"manifest {child.digest}{where} of index {digest} is not in the local store",
+                hint="an image pulled for one platform can only be pushed as that platform's manifest",
+            ) from None
+    return raw, doc.media_type, children
+
+
+def _mount_sources(store: Store, registry: str, repository: str, hints: Iterable[str]) -> dict[Digest, list[str]]:
+    """Repositories of ``registry`` (other than ``repository``) known to hold each blob: local refs pulled from
+    there, then the hints (whose blobs are unknown, so they are tried for every blob)."""
+    known: dict[Digest, list[str]] = {}
+    prefix = registry + "/"
+    for rec in store.list_refs():
+        if not rec.name.startswith(prefix):
+            continue
+        with contextlib.suppress(ImgciError, ValueError):
+            repo = reference_mod.parse(rec.name).repository
+            if repo == repository:
+                continue
+            for d in store.reachable({rec.digest}):
+                repos = known.setdefault(d, [])
+                if repo not in repos:
+                    repos.append(repo)
+    wildcard: list[str] = []
+    for hint in hints:
+        with contextlib.suppress(ImgciError):
+            parsed = reference_mod.parse(hint, default_tag=None)
+            if parsed.registry == registry and parsed.repository != repository and parsed.repository not in wildcard:
+                wildcard.append(parsed.repository)
+    if wildcard:
+        known[_ANY] = wildcard
+    return known
+
+
+_ANY = Digest("sha256:" + "0" * 64)  # key for "try for every blob" in the mount-source map
+
+
+def push_image(
+    store: Store,
+    local_name: str,
+    dest_ref: Reference,
+    *,
+    client_factory: ClientFactory,
+    progress: ProgressFn | None = None,
+    mount_from: Iterable[str] = (),
+    max_workers: int = DEFAULT_WORKERS,
+) -> PushResult:
+    """Push the local image ``local_name`` to ``dest_ref``; see the module contract."""
+    report = _Reporter(progress)
+    rec = store.get_ref(local_name)
+    top_raw, top_type, children = _local_documents(store, rec.digest, rec.media_type)
+    manifests = [Manifest.parse(raw, d.media_type) for d, raw in children] or [Manifest.parse(top_raw, top_type)]
+    blobs = _unique(d for m in manifests for d in (m.config, *m.layers))
+    for desc in blobs:
+        if not store.has_blob(desc.digest):
+            raise BlobNotFoundError(f"blob {desc.digest} of {local_name} is not in the local store")
+    client = client_factory(dest_ref.registry)
+    repo = dest_ref.repository
+    sources = _mount_sources(store, dest_ref.registry, repo, mount_from)
+    counts = _PushCounts()
+    lock = threading.Lock()
+
+    def push_blob(desc: Descriptor) -> None:
+        key = desc.digest.short
+        if client.blob_exists(repo, desc.digest, push=True) is not None:
+            with lock:
+                counts.skipped += 1
+            report("exists", key, f"{key}: layer already exists", digest=desc.digest.value, total=desc.size)
+            return
+        location: str | None = None
+        for source in [*sources.get(desc.digest, []), *sources.get(_ANY, [])]:
+            try:
+                mounted = client.mount_blob(repo, desc.digest, source)
+            except RegistryError as e:
+                if e.temporary:
+                    raise
+                continue  # e.g. no pull access to the source repository: upload instead, as docker does
+            if mounted.mounted:
+                with lock:
+                    counts.mounted += 1
+                report("mounted", key, f"{key}: mounted from {source}", digest=desc.digest.value, total=desc.size)
+                return
+            location = mounted.location or location
+        on_bytes = report.bytes_fn("uploading", "pushing", desc)
+        on_bytes(0)
+        client.upload_blob(repo, desc, lambda: store.open_blob(desc.digest), progress=on_bytes, location=location)
+        with lock:
+            counts.uploaded += 1
+            counts.uploaded_bytes += desc.size
+        report("uploaded", key, f"{key}: pushed", digest=desc.digest.value, current=desc.size, total=desc.size)
+
+    _parallel(blobs, push_blob, max_workers)
+    for child, raw in children:
+        client.put_manifest(repo, child.digest.value, raw, child.media_type)
+        report("manifest", child.digest.short, f"{child.digest.short}: pushed manifest", digest=child.digest.value)
+    target = (
+        dest_ref.digest.value if dest_ref.digest is not None and dest_ref.tag is None else (dest_ref.tag or "latest")
+    )
+    digest = client.put_manifest(repo, target, top_raw, top_type)
+    if dest_ref.digest is not None and dest_ref.digest != digest:
+        raise DigestMismatchError(
+            f"pushed {local_name} as {digest}, but the destination names {dest_ref.digest}",
+            expected=dest_ref.digest.value,
+            actual=digest.value,
+        )
+    report("done", str(dest_ref), f"{target}: digest: {digest} size: {len(top_raw)}", digest=digest.value)
+    return PushResult(
+        reference=dest_ref,
+        digest=digest,
+        media_type=top_type,
+        uploaded_bytes=counts.uploaded_bytes,
+        uploaded_blobs=counts.uploaded,
+        skipped_blobs=counts.skipped,
+        mounted_blobs=counts.mounted,
+    )
