@@ -43,15 +43,11 @@ def _insecure(args: argparse.Namespace) -> set[str]:
     return hosts
 
 
-def _client_factory(args: argparse.Namespace) -> Callable[[str], Any]:
-    from imgci.registry import RegistryClient
+def _client_factory(args: argparse.Namespace) -> Any:
+    """One registry client per registry for this command, sharing a token cache (a ``ClientPool``)."""
+    from imgci.registry import ClientPool
 
-    insecure = _insecure(args)
-
-    def factory(registry: str) -> Any:
-        return RegistryClient(registry, insecure=registry in insecure)
-
-    return factory
+    return ClientPool(insecure_registries=_insecure(args))
 
 
 def _progress(args: argparse.Namespace) -> Progress:
@@ -208,12 +204,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
     ref = reference.parse(args.image)
     print(f"Pulling {ref}...")
     progress = _progress(args)
+    pool = _client_factory(args)
     try:
-        result = pull_image(
-            store, ref, platform=_platform(args), client_factory=_client_factory(args), progress=progress
-        )
+        result = pull_image(store, ref, platform=_platform(args), client_factory=pool, progress=progress)
     finally:
         progress.close()
+        pool.close()
     print(f"Digest: {result.digest}")
     print(f"Size: {human_size(result.size)}")
     print(f"Pulled {result.name}")
@@ -230,10 +226,12 @@ def cmd_push(args: argparse.Namespace) -> int:
     dest = reference.parse(args.destination or args.image)
     print(f"Pushing {dest}...")
     progress = _progress(args)
+    pool = _client_factory(args)
     try:
-        result = push_image(store, rec.name, dest, client_factory=_client_factory(args), progress=progress)
+        result = push_image(store, rec.name, dest, client_factory=pool, progress=progress)
     finally:
         progress.close()
+        pool.close()
     print(
         f"Uploaded {result.uploaded_blobs} blobs ({human_size(result.uploaded_bytes)}), "
         f"{result.skipped_blobs} already present, {result.mounted_blobs} mounted"

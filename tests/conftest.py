@@ -18,6 +18,8 @@ import pytest
 from tests.infra.registry import RegistryServer
 from tests.infra.rootfs import make_busybox_rootfs_tar
 
+pytest_plugins = ["tests.integration.conftest_registry"]
+
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 

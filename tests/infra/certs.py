@@ -53,9 +53,15 @@ def make_self_signed(key: PrivateKey, common_name: str, *, ca: bool) -> x509.Cer
     )
     if ca:
         usage = x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False,
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=True,
+            crl_sign=True,
+            encipher_only=False,
+            decipher_only=False,
         )
         builder = builder.add_extension(usage, critical=True)
     return builder.sign(key, hashes.SHA256())
@@ -84,9 +90,7 @@ def make_server_cert(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
     return builder.sign(ca_key, hashes.SHA256())
 
@@ -99,9 +103,7 @@ def write_cert(path: Path, *certs: x509.Certificate) -> Path:
 
 def write_key(path: Path, key: PrivateKey) -> Path:
     """Write an unencrypted PKCS#8 PEM private key with mode 0600; returns ``path``."""
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     path.write_bytes(pem)
     path.chmod(0o600)
     return path
@@ -114,9 +116,7 @@ def libtrust_key_id(key: PrivateKey) -> str:
     defines it as base32 of the first 240 bits of sha256(DER SubjectPublicKeyInfo), 48 characters split
     into 12 groups of 4 joined by ':'.
     """
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     encoded = base64.b32encode(hashlib.sha256(der).digest()[:30]).decode("ascii").rstrip("=")
     return ":".join(encoded[i : i + 4] for i in range(0, len(encoded), 4))
 

@@ -36,8 +36,15 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 class SimpleRegistryClient:
     """Talks to one registry at ``base_url`` with optional credentials and a CA bundle (``verify``)."""
 
-    def __init__(self, base_url: str, *, username: str | None = None, password: str | None = None,
-                 verify: str | bool = True, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        verify: str | bool = True,
+        timeout: float = 30.0,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.auth = (username, password or "") if username is not None else None
         self.session = requests.Session()
@@ -90,8 +97,9 @@ class SimpleRegistryClient:
         if "://" not in location:
             location = self.base_url + location
         sep = "&" if "?" in location else "?"
-        put = self.request("PUT", f"{location}{sep}digest={digest}", data=data,
-                           headers={"Content-Type": "application/octet-stream"})
+        put = self.request(
+            "PUT", f"{location}{sep}digest={digest}", data=data, headers={"Content-Type": "application/octet-stream"}
+        )
         if put.status_code != 201:
             raise RuntimeError(f"PUT upload: {put.status_code} {put.text}")
         return digest
@@ -106,8 +114,7 @@ class SimpleRegistryClient:
 
     def put_manifest(self, repo: str, reference: str, body: bytes, media_type: str = OCI_MANIFEST) -> str:
         """PUT a manifest; returns the registry's Docker-Content-Digest. Raises on failure."""
-        resp = self.request("PUT", f"/v2/{repo}/manifests/{reference}", data=body,
-                            headers={"Content-Type": media_type})
+        resp = self.request("PUT", f"/v2/{repo}/manifests/{reference}", data=body, headers={"Content-Type": media_type})
         if resp.status_code != 201:
             raise RuntimeError(f"PUT manifest: {resp.status_code} {resp.text}")
         return resp.headers.get("Docker-Content-Digest") or sha256_digest(body)
@@ -120,14 +127,21 @@ class SimpleRegistryClient:
 
     def push_image(self, repo: str, tag: str, layers: list[bytes], config: dict[str, Any] | None = None) -> str:
         """Push layers (uncompressed tar media type), a config and an OCI manifest; returns the manifest digest."""
-        config_bytes = json.dumps(config or {
-            "architecture": "amd64", "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [sha256_digest(layer) for layer in layers]},
-        }, sort_keys=True).encode()
-        config_desc = {"mediaType": OCI_CONFIG, "digest": self.push_blob(repo, config_bytes),
-                       "size": len(config_bytes)}
-        layer_descs = [{"mediaType": OCI_LAYER, "digest": self.push_blob(repo, layer), "size": len(layer)}
-                       for layer in layers]
-        manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc,
-                               "layers": layer_descs}, sort_keys=True).encode()
+        config_bytes = json.dumps(
+            config
+            or {
+                "architecture": "amd64",
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": [sha256_digest(layer) for layer in layers]},
+            },
+            sort_keys=True,
+        ).encode()
+        config_desc = {"mediaType": OCI_CONFIG, "digest": self.push_blob(repo, config_bytes), "size": len(config_bytes)}
+        layer_descs = [
+            {"mediaType": OCI_LAYER, "digest": self.push_blob(repo, layer), "size": len(layer)} for layer in layers
+        ]
+        manifest = json.dumps(
+            {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc, "layers": layer_descs},
+            sort_keys=True,
+        ).encode()
         return self.put_manifest(repo, tag, manifest)

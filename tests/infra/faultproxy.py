@@ -50,17 +50,38 @@ from tests.infra.faults import (
 )
 
 # The actions are re-exported so tests need one import: ``from tests.infra.faultproxy import FaultProxy, status``.
-__all__ = ["Action", "FaultProxy", "FaultRule", "RequestRecord", "corrupt_body", "delay", "reset_after", "status",
-           "truncate_body"]
+__all__ = [
+    "Action",
+    "FaultProxy",
+    "FaultRule",
+    "RequestRecord",
+    "corrupt_body",
+    "delay",
+    "reset_after",
+    "status",
+    "truncate_body",
+]
 
-_HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te",
-    "trailer", "transfer-encoding", "upgrade", "host", "expect",
-})
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "expect",
+    }
+)
 _BUFSIZE = 64 * 1024
 
 
 # -- the proxy ----------------------------------------------------------------------------------------
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
@@ -95,14 +116,14 @@ class FaultProxy:
         self.port = self._httpd.server_address[1]
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="faultproxy",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="faultproxy", daemon=True)
         self._thread.start()
 
     # -- rules and records ---------------------------------------------------------------------------
 
-    def add_fault(self, method: str | None = None, path: str = "", times: int | None = 1, *,
-                  action: Action) -> FaultRule:
+    def add_fault(
+        self, method: str | None = None, path: str = "", times: int | None = 1, *, action: Action
+    ) -> FaultRule:
         """Append a rule (see the module docstring); returns it so tests can read ``fired``."""
         rule = FaultRule(method.upper() if method else None, re.compile(path), times, action)
         with self._lock:
@@ -136,7 +157,8 @@ class FaultProxy:
         """How many recorded requests match the method, the path regex (``re.search``) and the status."""
         pattern = re.compile(path) if path is not None else None
         return sum(
-            1 for r in self.requests
+            1
+            for r in self.requests
             if (method is None or r.method == method.upper())
             and (pattern is None or pattern.search(r.path))
             and (status is None or r.status == status)
@@ -152,8 +174,7 @@ class FaultProxy:
     def _connect(self) -> http.client.HTTPConnection:
         host = self._upstream.hostname or "127.0.0.1"
         if self._ssl is not None:
-            return http.client.HTTPSConnection(host, self._upstream_port, timeout=self.timeout,
-                                               context=self._ssl)
+            return http.client.HTTPSConnection(host, self._upstream_port, timeout=self.timeout, context=self._ssl)
         return http.client.HTTPConnection(host, self._upstream_port, timeout=self.timeout)
 
     def rewrite_location(self, location: str) -> str:
@@ -291,9 +312,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             proxy._record(method, target, action.code)
             self._send_status(action)
             return
-        if isinstance(action, ResetAfter) and (
-            action.on == "request" or (action.on == "auto" and self._has_body())
-        ):
+        if isinstance(action, ResetAfter) and (action.on == "request" or (action.on == "auto" and self._has_body())):
             for _ in self._body_pieces(limit=action.nbytes):
                 pass
             proxy._record(method, target, None)

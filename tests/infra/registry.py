@@ -61,7 +61,9 @@ def make_htpasswd(username: str, password: str) -> str:
     except ImportError:
         out = subprocess.run(
             ["htpasswd", "-Bbn", "-C", "5", username, password],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         return out.strip() + "\n"
 
@@ -138,23 +140,41 @@ class RegistryServer:
         key = certs.generate_key("ec")
         cert = certs.make_server_cert(ca_key, ca_cert, key)
         # The chain file carries the leaf then the CA, as a real server would send it.
-        return (certs.write_cert(self.workdir / "server.pem", cert, ca_cert),
-                certs.write_key(self.workdir / "server-key.pem", key))
+        return (
+            certs.write_cert(self.workdir / "server.pem", cert, ca_cert),
+            certs.write_key(self.workdir / "server-key.pem", key),
+        )
 
-    def _make_auth(self, username: str, password: str, anonymous_actions: Collection[str],
-                   key_type: certs.KeyType, header: Literal["kid", "x5c"]) -> dict[str, Any] | None:
+    def _make_auth(
+        self,
+        username: str,
+        password: str,
+        anonymous_actions: Collection[str],
+        key_type: certs.KeyType,
+        header: Literal["kid", "x5c"],
+    ) -> dict[str, Any] | None:
         if self.auth == "basic":
             htpasswd = self.workdir / "htpasswd"
             htpasswd.write_text(make_htpasswd(username, password))
             return {"htpasswd": {"realm": "imgci-test", "path": str(htpasswd)}}
         if self.auth == "token":
             self.token_server = TokenServer(
-                self.workdir, username=username, password=password, anonymous_actions=anonymous_actions,
-                key_type=key_type, header=header,
+                self.workdir,
+                username=username,
+                password=password,
+                anonymous_actions=anonymous_actions,
+                key_type=key_type,
+                header=header,
             )
             ts = self.token_server
-            return {"token": {"realm": ts.realm, "service": ts.service, "issuer": ts.issuer,
-                              "rootcertbundle": str(ts.cert_path)}}
+            return {
+                "token": {
+                    "realm": ts.realm,
+                    "service": ts.service,
+                    "issuer": ts.issuer,
+                    "rootcertbundle": str(ts.cert_path),
+                }
+            }
         return None
 
     def _config(self, auth_config: dict[str, Any] | None) -> dict[str, Any]:
@@ -190,8 +210,11 @@ class RegistryServer:
             self.config_path.write_text(json.dumps(self._config(auth_config), indent=2))
             self._proc = subprocess.Popen(
                 [binary, "serve", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
-                cwd=self.workdir, env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=env,
             )
             if self._wait_ready(timeout):
                 return

@@ -28,8 +28,17 @@ FIXED_MTIME = 1_700_000_000  # 2023-11-14; any fixed value keeps the output repr
 
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
 GROUP = b"root:x:0:\nnogroup:x:65534:\n"
-ROOTFS_DIRS = {"bin": 0o755, "dev": 0o755, "etc": 0o755, "proc": 0o555, "root": 0o700,
-               "tmp": 0o1777, "usr": 0o755, "usr/bin": 0o755, "var": 0o755}
+ROOTFS_DIRS = {
+    "bin": 0o755,
+    "dev": 0o755,
+    "etc": 0o755,
+    "proc": 0o555,
+    "root": 0o700,
+    "tmp": 0o1777,
+    "usr": 0o755,
+    "usr/bin": 0o755,
+    "var": 0o755,
+}
 
 
 @dataclass(frozen=True)
@@ -110,8 +119,9 @@ def opaque_whiteout(directory_path: str) -> TarEntry:
     return file(f"{directory_path.rstrip('/')}/.wh..wh..opq")
 
 
-def build_tar(entries: Iterable[TarEntry | tuple[tarfile.TarInfo, bytes]],
-              fmt: TarFormat = tarfile.PAX_FORMAT) -> bytes:
+def build_tar(
+    entries: Iterable[TarEntry | tuple[tarfile.TarInfo, bytes]], fmt: TarFormat = tarfile.PAX_FORMAT
+) -> bytes:
     """The archive bytes for ``entries`` in order, ended by two zero blocks. Raw ``(TarInfo, data)`` pairs
     are accepted for anything the helpers cannot express."""
     out = io.BytesIO()
@@ -124,8 +134,13 @@ def build_tar(entries: Iterable[TarEntry | tuple[tarfile.TarInfo, bytes]],
     return out.getvalue()
 
 
-def make_tar(path: str | Path, entries: Iterable[TarEntry | tuple[tarfile.TarInfo, bytes]], *,
-             gzip: bool = False, fmt: TarFormat = tarfile.PAX_FORMAT) -> Path:
+def make_tar(
+    path: str | Path,
+    entries: Iterable[TarEntry | tuple[tarfile.TarInfo, bytes]],
+    *,
+    gzip: bool = False,
+    fmt: TarFormat = tarfile.PAX_FORMAT,
+) -> Path:
     """Write :func:`build_tar` to ``path`` (gzip-compressed with mtime 0 when ``gzip``); returns the path."""
     data = build_tar(entries, fmt)
     if gzip:
@@ -146,8 +161,13 @@ def _parents(name: str) -> list[str]:
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def make_busybox_rootfs_tar(path: str | Path, *, extra_files: Mapping[str, bytes] | None = None,
-                            busybox: str = BUSYBOX, mtime: int = FIXED_MTIME) -> Path:
+def make_busybox_rootfs_tar(
+    path: str | Path,
+    *,
+    extra_files: Mapping[str, bytes] | None = None,
+    busybox: str = BUSYBOX,
+    mtime: int = FIXED_MTIME,
+) -> Path:
     """Write a minimal root filesystem tar to ``path`` and return the path.
 
     Contents: ``bin/busybox`` (0755) and a relative symlink ``bin/<applet> -> busybox`` for every applet;

@@ -109,8 +109,7 @@ class TokenServer:
         self.port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.realm = f"{self.url}/token"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="tokenserver",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="tokenserver", daemon=True)
         self._thread.start()
 
     # -- recording -----------------------------------------------------------------------------------
@@ -141,9 +140,7 @@ class TokenServer:
         """(ok, account): no credentials is ok and anonymous; wrong ones are not ok."""
         if username is None:
             return True, None
-        if secrets.compare_digest(username, self.username) and secrets.compare_digest(
-            password or "", self.password
-        ):
+        if secrets.compare_digest(username, self.username) and secrets.compare_digest(password or "", self.password):
             return True, username
         return False, None
 
@@ -229,14 +226,18 @@ class _TokenHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _answer(self, account_given: tuple[str | None, str | None], service: str | None,
-                scopes: tuple[str, ...], oauth: bool) -> None:
+    def _answer(
+        self, account_given: tuple[str | None, str | None], service: str | None, scopes: tuple[str, ...], oauth: bool
+    ) -> None:
         server = self.token_server
         ok, account = server.authenticate(*account_given)
         if not ok:
             server._record(TokenRequest(self.command, None, service, scopes, 401))
-            self._send_json(401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]},
-                            {"WWW-Authenticate": 'Basic realm="imgci-test-token"'})
+            self._send_json(
+                401,
+                {"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]},
+                {"WWW-Authenticate": 'Basic realm="imgci-test-token"'},
+            )
             return
         access = server.grant(account, scopes)
         token = server.issue(account, service, access)

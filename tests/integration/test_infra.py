@@ -33,7 +33,6 @@ from tests.infra.tokenserver import TokenServer
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("docker-registry") is None, reason="docker-registry is not installed"),
 ]
 
 BLOB = os.urandom(200_000)  # larger than one proxy read buffer, so faults land mid-stream
@@ -73,14 +72,18 @@ def proxy(plain_registry: RegistryServer) -> Iterator[FaultProxy]:
 
 # -- registry modes -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs", [
-    pytest.param({}, id="plain"),
-    pytest.param({"tls": True}, id="tls"),
-    pytest.param({"auth": "basic"}, id="basic"),
-    pytest.param({"auth": "basic", "tls": True}, id="basic-tls"),
-    pytest.param({"auth": "token"}, id="token-kid-rsa"),
-    pytest.param({"auth": "token", "token_header": "x5c", "token_key_type": "ec"}, id="token-x5c-ec"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({}, id="plain"),
+        pytest.param({"tls": True}, id="tls"),
+        pytest.param({"auth": "basic"}, id="basic"),
+        pytest.param({"auth": "basic", "tls": True}, id="basic-tls"),
+        pytest.param({"auth": "token"}, id="token-kid-rsa"),
+        pytest.param({"auth": "token", "token_header": "x5c", "token_key_type": "ec"}, id="token-x5c-ec"),
+    ],
+)
 def test_registry_mode_push_and_pull(tmp_path: Path, kwargs: dict[str, Any]) -> None:
     with RegistryServer(tmp_path, **kwargs) as reg:
         assert reg.url == f"{'https' if kwargs.get('tls') else 'http'}://{reg.host}"
@@ -127,6 +130,7 @@ def test_basic_auth_rejects_wrong_credentials(tmp_path: Path) -> None:
 
 
 # -- token auth ---------------------------------------------------------------------------------------
+
 
 def test_token_auth_push_anonymous_pull_and_mount_scopes(tmp_path: Path) -> None:
     with RegistryServer(tmp_path, auth="token") as reg:
@@ -191,8 +195,13 @@ def test_token_auth_without_anonymous_access(tmp_path: Path) -> None:
 
 def test_token_server_oauth_post(tmp_path: Path) -> None:
     with TokenServer(tmp_path, username="u", password="p") as ts:
-        form = {"grant_type": "password", "username": "u", "password": "p", "service": ts.service,
-                "scope": "repository:a:pull,push repository:b:pull"}
+        form = {
+            "grant_type": "password",
+            "username": "u",
+            "password": "p",
+            "service": ts.service,
+            "scope": "repository:a:pull,push repository:b:pull",
+        }
         body = _session().post(ts.realm, data=form, timeout=5).json()
         assert body["access_token"] and body["scope"] == form["scope"]
         assert ts.scopes == ["repository:a:pull,push", "repository:b:pull"]
@@ -201,6 +210,7 @@ def test_token_server_oauth_post(tmp_path: Path) -> None:
 
 
 # -- fault proxy --------------------------------------------------------------------------------------
+
 
 def test_proxy_forwards_push_and_pull_to_tls_upstream(tls_registry: RegistryServer) -> None:
     with FaultProxy(tls_registry.url, ca_path=tls_registry.ca_path) as p:
@@ -213,8 +223,12 @@ def test_proxy_forwards_push_and_pull_to_tls_upstream(tls_registry: RegistryServ
         start = client.request("POST", "/v2/via/proxy/blobs/uploads/")
         assert start.headers["Location"].startswith(p.url + "/v2/via/proxy/blobs/uploads/")
         # A chunked PATCH (generator body) then the closing PUT.
-        patch = client.request("PATCH", start.headers["Location"], data=iter([b"abc", b"def"]),
-                               headers={"Content-Type": "application/octet-stream"})
+        patch = client.request(
+            "PATCH",
+            start.headers["Location"],
+            data=iter([b"abc", b"def"]),
+            headers={"Content-Type": "application/octet-stream"},
+        )
         assert patch.status_code == 202, patch.text
         assert patch.headers["Range"] == "0-5"
         put = client.request("PUT", f"{patch.headers['Location']}&digest={sha256_digest(b'abcdef')}")
@@ -223,8 +237,7 @@ def test_proxy_forwards_push_and_pull_to_tls_upstream(tls_registry: RegistryServ
 
         head = client.request("HEAD", f"/v2/via/proxy/blobs/{sha256_digest(BLOB)}")
         assert head.headers["Content-Length"] == str(len(BLOB))
-        ranged = client.request("GET", f"/v2/via/proxy/blobs/{sha256_digest(BLOB)}",
-                                headers={"Range": "bytes=10-19"})
+        ranged = client.request("GET", f"/v2/via/proxy/blobs/{sha256_digest(BLOB)}", headers={"Range": "bytes=10-19"})
         assert ranged.status_code == 206 and ranged.content == BLOB[10:20]
 
         assert p.count("PUT", r"/manifests/v1$", status=201) == 1
@@ -324,6 +337,7 @@ def test_proxy_answers_502_when_upstream_is_down() -> None:
 
 # -- tarballs -----------------------------------------------------------------------------------------
 
+
 def test_busybox_rootfs_tar(tmp_path: Path) -> None:
     script = b"#!/bin/sh\necho hi\n"
     path = rootfs.make_busybox_rootfs_tar(tmp_path / "a.tar", extra_files={"usr/local/bin/hi": script})
@@ -354,8 +368,13 @@ def test_busybox_rootfs_runs(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
     subprocess.run(["tar", "-xf", str(path), "-C", str(root)], check=True)  # a trusted tar we just made
-    out = subprocess.run(["chroot", str(root), "/bin/sh", "-c", "echo hello from $(id -un)"],
-                         capture_output=True, text=True, check=True, timeout=10)
+    out = subprocess.run(
+        ["chroot", str(root), "/bin/sh", "-c", "echo hello from $(id -un)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    )
     assert out.stdout.strip() == "hello from root"
 
 
@@ -377,7 +396,14 @@ def test_make_tar_keeps_hostile_entries(tmp_path: Path) -> None:
         with tarfile.open(path, "r:gz" if gz else "r:") as tar:
             members = tar.getmembers()
             assert [m.name for m in members] == [
-                "../x", "/abs", "link", "hard", "dev/null", "a/.wh.b", "a/.wh..wh..opq", "setuid",
+                "../x",
+                "/abs",
+                "link",
+                "hard",
+                "dev/null",
+                "a/.wh.b",
+                "a/.wh..wh..opq",
+                "setuid",
                 "long/" + "n" * 150,
             ]
             assert members[2].issym() and members[2].linkname == "/etc/passwd"

@@ -3,11 +3,8 @@ Retry-After, resumed downloads and uploads, corrupt and truncated bodies, and th
 
 Clients here sleep through a recorder, so Retry-After values are asserted, never waited for."""
 
-# ruff: noqa: F811 - fixtures imported from conftest_registry are test parameters: that is how pytest finds them
-
 from __future__ import annotations
 
-import shutil
 import time
 from email.utils import formatdate
 from pathlib import Path
@@ -22,22 +19,14 @@ from imgci.transfer import pull_image, push_image
 from tests.infra.client import SimpleRegistryClient
 from tests.infra.faultproxy import FaultProxy, corrupt_body, delay, reset_after, status, truncate_body
 from tests.infra.registry import RegistryServer
-from tests.integration.conftest_registry import (  # noqa: F401 - fixtures
+from tests.integration.conftest_registry import (
     Sleeps,
-    docker_config,
     make_image,
     pool,
-    proxy,
     random_bytes,
-    sleeps,
-    state,
-    state2,
 )
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("docker-registry") is None, reason="docker-registry is not installed"),
-]
+pytestmark = pytest.mark.integration
 
 BLOB_GET = r"/blobs/sha256:"
 LAYER = random_bytes(400_000)

@@ -1,11 +1,8 @@
 """Push and pull against the real docker-registry (distribution 2.8): plain, TLS, Basic and Bearer-token auth,
 re-push, cross-repo mount, multi-platform indexes, login. Faults are in test_registry_faults.py."""
 
-# ruff: noqa: F811 - fixtures imported from conftest_registry are test parameters: that is how pytest finds them
-
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,26 +18,18 @@ from imgci.transfer import TransferEvent, pull_image, push_image
 from tests.infra.client import SimpleRegistryClient
 from tests.infra.faultproxy import FaultProxy
 from tests.infra.registry import RegistryServer
-from tests.integration.conftest_registry import (  # noqa: F401 - fixtures
+from tests.integration.conftest_registry import (
     FAST_RETRY,
     config_json,
-    docker_config,
     login_to,
     make_image,
     make_multi_arch,
     pool,
-    proxy,
     random_bytes,
-    sleeps,
-    state,
-    state2,
     trust,
 )
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("docker-registry") is None, reason="docker-registry is not installed"),
-]
+pytestmark = pytest.mark.integration
 
 
 def second_opinion(reg: RegistryServer) -> SimpleRegistryClient:
