@@ -45,9 +45,12 @@ def _insecure(args: argparse.Namespace) -> set[str]:
 
 def _client_factory(args: argparse.Namespace) -> Any:
     """One registry client per registry for this command, sharing a token cache (a ``ClientPool``)."""
-    from imgci.registry import ClientPool
+    from imgci.registry import ClientPool, RetryPolicy
 
-    return ClientPool(insecure_registries=_insecure(args))
+    attempts = args.retries if args.retries is not None else int(os.environ.get("IMGCI_REGISTRY_RETRIES", "5") or 5)
+    if attempts < 1:
+        raise UsageError("--retries must be at least 1")
+    return ClientPool(insecure_registries=_insecure(args), retry=RetryPolicy(attempts=attempts))
 
 
 def _progress(args: argparse.Namespace) -> Progress:
@@ -392,6 +395,13 @@ def _common() -> argparse.ArgumentParser:
         help="allow plain HTTP / unverified TLS for HOST[:PORT] (repeatable; env IMGCI_INSECURE_REGISTRIES)",
     )
     g.add_argument(
+        "--retries",
+        type=int,
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help="attempts per registry request on transient errors (default 5; env IMGCI_REGISTRY_RETRIES)",
+    )
+    g.add_argument(
         "--progress",
         choices=["auto", "tty", "plain", "json", "quiet"],
         default=argparse.SUPPRESS,
@@ -489,7 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name, default in (("state", None), ("debug", False), ("insecure_registry", []), ("progress", "auto")):
+    defaults: tuple[tuple[str, Any], ...] = (
+        ("state", None),
+        ("debug", False),
+        ("insecure_registry", []),
+        ("progress", "auto"),
+        ("retries", None),
+    )
+    for name, default in defaults:
         if not hasattr(args, name):
             setattr(args, name, default)
     if args.state is None and os.environ.get("IMGCI_STATE"):

@@ -10,8 +10,9 @@ permanent one. Request headers are never part of a message.
 from __future__ import annotations
 
 import json
+import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +122,8 @@ def exception_cause(e: BaseException) -> str:
             return "connection reset by peer"
         if isinstance(cur, TimeoutError):
             return "timed out"
+        if isinstance(cur, socket.gaierror):
+            return f"cannot resolve the host name ({cur.strerror or cur})"
         nxt = cur.__cause__ or cur.__context__
         if nxt is None and cur.args and isinstance(cur.args[0], BaseException):
             nxt = cur.args[0]
@@ -130,6 +133,22 @@ def exception_cause(e: BaseException) -> str:
         cur = nxt
     text = str(e)
     return text if len(text) <= 300 else text[:300] + "…"
+
+
+def _has_cause(e: BaseException, pred: Callable[[BaseException], bool]) -> bool:
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if pred(cur):
+            return True
+        reason = getattr(cur, "reason", None)
+        stack += [cur.__cause__, cur.__context__, reason if isinstance(reason, BaseException) else None]
+        stack += [a for a in cur.args if isinstance(a, BaseException)]
+    return False
 
 
 def connection_error(registry: str, endpoint: str, op: Operation, e: Exception, host: str) -> RegistryError:
@@ -150,5 +169,13 @@ def connection_error(registry: str, endpoint: str, op: Operation, e: Exception, 
     if isinstance(e, requests.exceptions.ChunkedEncodingError | requests.exceptions.ContentDecodingError):
         return RegistryUnreachableError(f"{what}: the connection to {host} broke: {cause}", **common, temporary=True)
     if isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
-        return RegistryUnreachableError(f"{what}: cannot reach {host}: {cause}", **common, temporary=True)
+        # "no such host" will not fix itself within a retry budget (docker does not retry it either);
+        # EAI_AGAIN ("temporary failure in name resolution") will, so it stays temporary.
+        unknown_host = _has_cause(e, lambda c: isinstance(c, socket.gaierror) and c.errno == socket.EAI_NONAME)
+        return RegistryUnreachableError(
+            f"{what}: cannot reach {host}: {cause}",
+            **common,
+            temporary=not unknown_host,
+            hint=f"check the registry host name {endpoint!r}" if unknown_host else None,
+        )
     return RegistryProtocolError(f"{what}: {cause}", **common)

@@ -233,5 +233,40 @@ def test_unreachable_registry_names_the_registry(imgci: Imgci) -> None:
     from tests.infra.registry import free_port
 
     host = f"127.0.0.1:{free_port()}"  # nothing listens there
-    err = imgci.fails("pull", f"{host}/nothing/here:1")
+    err = imgci.fails("--retries", "2", "pull", f"{host}/nothing/here:1")
+    assert "2 attempts" in err
     assert host in err
+
+
+def test_unknown_registry_host_is_clear_and_not_retried(imgci: Imgci, tmp_path: Path) -> None:
+    """Name resolution limited to /etc/hosts (in a private mount namespace), so no DNS query leaves the machine."""
+    import time
+
+    nsswitch = tmp_path / "nsswitch.conf"
+    nsswitch.write_text("hosts: files\n")
+    script = f'mount --bind "{nsswitch}" /etc/nsswitch.conf && exec "$@"'
+    start = time.monotonic()
+    proc = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            *_cli(imgci),
+            "pull",
+            "no-such-registry.example:5000/app:1",
+        ],
+        capture_output=True,
+        text=True,
+        env=imgci.environ(),
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "no-such-registry.example:5000" in proc.stderr
+    assert "cannot resolve the host name" in proc.stderr
+    assert time.monotonic() - start < 10  # not retried with backoff
