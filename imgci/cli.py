@@ -209,7 +209,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     progress = _progress(args)
     pool = _client_factory(args)
     try:
-        result = pull_image(store, ref, platform=_platform(args), client_factory=pool, progress=progress)
+        platform = _platform(args) if args.platform else None  # explicit --platform is strict, as in docker
+        result = pull_image(store, ref, platform=platform, client_factory=pool, progress=progress)
     finally:
         progress.close()
         pool.close()

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from imgci import reference as reference_mod
-from imgci.errors import BlobNotFoundError, DigestMismatchError, ImgciError, RegistryError, StoreCorruptError
+from imgci.errors import (
+    BlobNotFoundError,
+    DigestMismatchError,
+    ImgciError,
+    PlatformError,
+    RegistryError,
+    StoreCorruptError,
+)
 from imgci.oci import INDEX_TYPES, Descriptor, Digest, ImageConfig, Index, Manifest, Platform, parse_manifest_or_index
 from imgci.reference import Reference
 from imgci.store import Store
@@ -224,6 +231,11 @@ def pull_image(
             counts["blobs"] += 1
         report("downloaded", key, f"{key}: pull complete", digest=desc.digest.value, current=desc.size, total=desc.size)
 
+    if chosen_platform is None and platform is not None:
+        # An explicit --platform on a single-platform image: check the config before downloading layers.
+        fetch(manifest.config)
+        _check_platform(store, manifest, wanted, chosen_platform, report, name, strict=True)
+        blobs = [b for b in blobs if b.digest != manifest.config.digest]
     _parallel(blobs, fetch, max_workers)
     _check_platform(store, manifest, wanted, chosen_platform, report, name)
     store.write_blob(manifest.raw, manifest_desc.digest)
@@ -247,16 +259,30 @@ def pull_image(
 
 
 def _check_platform(
-    store: Store, manifest: Manifest, wanted: Platform, chosen: Platform | None, report: _Reporter, key: str
+    store: Store,
+    manifest: Manifest,
+    wanted: Platform,
+    chosen: Platform | None,
+    report: _Reporter,
+    key: str,
+    *,
+    strict: bool = False,
 ) -> None:
-    """A single-platform image for another platform is kept (docker only refuses it for an explicit --platform),
-    but said out loud."""
+    """A single-platform image for another platform is refused when the platform was asked for explicitly
+    (``strict``, as docker does for ``--platform``), else kept with a warning."""
     if chosen is not None:
         return
-    with contextlib.suppress(ImgciError, ValueError):
+    try:
         actual = ImageConfig.parse(store.read_blob(manifest.config.digest)).platform
-        if actual.architecture and not wanted.matches(actual):
-            report("warning", key, f"warning: the image's platform ({actual}) does not match {wanted}")
+    except (ImgciError, ValueError):
+        return
+    if actual.architecture and not wanted.matches(actual):
+        if strict:
+            raise PlatformError(
+                f"image {key} is for platform {actual}, not the requested {wanted}",
+                hint=f"pull without --platform, or with --platform {actual}",
+            )
+        report("warning", key, f"warning: the image's platform ({actual}) does not match {wanted}")
 
 
 # -- push --------------------------------------------------------------------------------------------------------

@@ -270,3 +270,18 @@ def test_unknown_registry_host_is_clear_and_not_retried(imgci: Imgci, tmp_path: 
     assert "no-such-registry.example:5000" in proc.stderr
     assert "cannot resolve the host name" in proc.stderr
     assert time.monotonic() - start < 10  # not retried with backoff
+
+
+def test_pull_explicit_platform_mismatch_is_refused(
+    imgci: Imgci, imgci_factory: Callable[[], Imgci], busybox: str, registry: RegistryServer
+) -> None:
+    name = f"{registry.host}/platform/busybox:1"
+    imgci.run("tag", busybox, name)
+    imgci.run("push", name)
+    host_arch = json.loads(imgci.run("inspect", name, "--type", "config").stdout)["architecture"]
+    other = "arm64" if host_arch != "arm64" else "amd64"
+    fresh = imgci_factory()
+    err = fresh.fails("pull", "--platform", f"linux/{other}", name)
+    assert f"not the requested linux/{other}" in err
+    assert fresh.run("ls", "-q").stdout.split() == []
+    assert f"Pulled {name}" in fresh.run("pull", "--platform", f"linux/{host_arch}", name).stdout
