@@ -22,6 +22,8 @@ Hierarchy::
     │   ├── UnsafeArchiveError      an entry would escape its target or is not allowed
     │   └── CorruptArchiveError     truncated or malformed archive or compression stream
     ├── PlatformError               no manifest for the requested platform
+    ├── DockerfileError             a Dockerfile that does not parse or expand (carries file and 1-based line)
+    ├── BuildError                  a build step failed (carries the Dockerfile location when there is one)
     ├── CredentialsError            config.json or a credential helper failed
     └── RegistryError               talking to a registry (carries registry, repository, digest, status)
         ├── RegistryUnreachableError  connection refused / reset / timed out / DNS (temporary)
@@ -108,6 +110,31 @@ class CorruptArchiveError(ArchiveError):
 
 class PlatformError(ImgciError):
     """No manifest in an index matches the requested platform."""
+
+
+class DockerfileError(ImgciError):
+    """A Dockerfile problem at ``file``:``line`` (1-based; 0 when it concerns the whole file).
+
+    The message is prefixed with the location once, here, so every caller reports it the same way.
+    """
+
+    def __init__(self, message: str, *, file: str, line: int = 0, hint: str | None = None) -> None:
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {message}", hint=hint)
+        self.file = file
+        self.line = line
+        self.detail = message
+
+
+class BuildError(ImgciError):
+    """A build step failed. ``file``/``line`` locate the instruction when known (for CI annotations)."""
+
+    def __init__(self, message: str, *, file: str = "", line: int = 0, hint: str | None = None) -> None:
+        where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
+        super().__init__(f"{where}{message}", hint=hint)
+        self.file = file
+        self.line = line
+        self.detail = message
 
 
 class CredentialsError(ImgciError):
