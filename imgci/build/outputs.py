@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imgci.errors import UsageError
-from imgci.oci import Descriptor, Manifest
+from imgci.oci import Descriptor, Digest, Manifest
 from imgci.store import Store
 
 _TYPES = {"image", "registry", "oci", "docker", "local"}
@@ -90,16 +90,17 @@ def export(
         from imgci.archive import save_docker_archive, save_oci_layout
 
         save = save_oci_layout if spec.type == "oci" else save_docker_archive
-        images = [(n, descriptor.digest) for n in all_names] or [(None, descriptor.digest)]
+        images: list[tuple[str | None, Digest]] = [(n, descriptor.digest) for n in all_names]
+        images = images or [(None, descriptor.digest)]
         if spec.dest == "-":
-            save(store, images, sys.stdout.buffer)  # type: ignore[arg-type]
+            save(store, images, sys.stdout.buffer)
             sys.stdout.buffer.flush()
         else:
             dest = Path(spec.dest)
             tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
             try:
                 with open(tmp, "wb") as f:
-                    save(store, images, f)  # type: ignore[arg-type]
+                    save(store, images, f)
                 os.replace(tmp, dest)
             finally:
                 tmp.unlink(missing_ok=True)

@@ -97,8 +97,8 @@ class StoreResolver:
             raise
         except ImgciError:
             raise
-        manifest = result.manifest
-        doc = self.store.read_manifest(manifest.digest, manifest.media_type)
+        desc = result.manifest
+        doc = self.store.read_manifest(desc.digest, desc.media_type)
         assert isinstance(doc, Manifest)
         cfg = self.store.read_config(doc.config.digest)
         return ResolvedImage(str(ref), result.digest, doc, cfg)
