@@ -67,6 +67,8 @@ class BuildProgress:
         with self._lock:
             row = self._rows.get(e.key)
             if row is None:
+                if e.kind == "queued":
+                    return  # numbered when it starts, so numbers follow execution order as in BuildKit's output
                 row = _Row(len(self._rows) + 1, e.name)
                 self._rows[e.key] = row
                 self._order.append(e.key)

@@ -382,6 +382,17 @@ def cmd_logout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_entry(args: argparse.Namespace) -> int:
+    from imgci.cli_build import run_build
+
+    store = _store(args)
+    pool = _client_factory(args)
+    try:
+        return run_build(args, store, pool)
+    finally:
+        pool.close()
+
+
 # -- parser ------------------------------------------------------------------------------------------------------
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
@@ -424,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         sp.set_defaults(handler=handler)
         return sp
+
+    from imgci.cli_build import add_parser as add_build
+
+    add_build(sub, common)
 
     p = add("pull", cmd_pull, "Pull an image from a registry.")
     p.add_argument("image", metavar="NAME[:TAG|@DIGEST]")

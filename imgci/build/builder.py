@@ -1,0 +1,422 @@
+"""``imgci build``: Dockerfile → vertices (the dispatcher) → solver → image in the store.
+
+Contract: :meth:`Builder.build` parses the Dockerfile, resolves every base image of the stages the target needs
+(local store first, then the registry), converts each instruction — expanded with its stage's ARG/ENV scope, as
+BuildKit's dockerfile2llb does — into a solver vertex whose key is the hash of its parent's key and its own
+expanded instruction, solves the target's last vertex (independent stages run concurrently), applies ``--label``,
+and writes config + manifest. Identical steps — in two stages, or two builds on one Builder — run once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from imgci.build import steps as S
+from imgci.build.dockerfile import (
+    AddInstruction,
+    ArgInstruction,
+    ArgScope,
+    CmdInstruction,
+    CopyInstruction,
+    Dockerfile,
+    EntrypointInstruction,
+    EnvInstruction,
+    ExposeInstruction,
+    HealthcheckInstruction,
+    Instruction,
+    LabelInstruction,
+    MaintainerInstruction,
+    OnbuildInstruction,
+    RunInstruction,
+    ShellInstruction,
+    StopsignalInstruction,
+    UserInstruction,
+    VolumeInstruction,
+    WorkdirInstruction,
+    base_of,
+    parse_dockerfile,
+    predefined_args,
+    resolve_copy_from,
+    stages_needed,
+)
+from imgci.build.image import DEFAULT_PATH, ImageState, Layer, assemble
+from imgci.build.resolver import ImageResolver, ResolvedImage
+from imgci.build.solver import RunContext, Solver, Vertex
+from imgci.errors import BuildError, DockerfileError, UsageError
+from imgci.oci import Descriptor, Manifest, Platform
+from imgci.store import Store
+
+STEP_TYPE = "imgci.step.v1"
+
+
+@dataclass
+class BuildRequest:
+    context: Path
+    dockerfile: Path | None = None  # default: <context>/Dockerfile
+    dockerfile_text: str | None = None  # `-f -`: the Dockerfile came on stdin
+    tags: list[str] = field(default_factory=list)
+    build_args: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
+    platform: Platform | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    compression: str = "gzip"
+    docker_media_types: bool = False
+    source_date_epoch: int | None = None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    manifest: Manifest
+    descriptor: Descriptor
+    state: ImageState
+    dockerfile: str
+    stages: list[str]
+    steps: int
+    duration: float
+
+
+@dataclass
+class _StageInfo:
+    """What the dispatcher knows statically about a converted stage."""
+
+    vertex: Vertex
+    cfg_env: dict[str, str]
+    onbuild: list[str]
+    platform: Platform
+
+
+def _key(*parts: Any) -> str:
+    raw = json.dumps([STEP_TYPE, *parts], sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _instruction_identity(instr: Instruction) -> dict[str, Any]:
+    d = dataclasses.asdict(instr)
+    d.pop("location", None)
+    d["keyword"] = instr.keyword
+    return d
+
+
+def _rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").replace(".000000Z", "Z")
+
+
+_METADATA: dict[type, type[S.MetadataStep]] = {
+    EnvInstruction: S.EnvStep,
+    LabelInstruction: S.LabelStep,
+    ExposeInstruction: S.ExposeStep,
+    VolumeInstruction: S.VolumeStep,
+    UserInstruction: S.UserStep,
+    ShellInstruction: S.ShellStep,
+    CmdInstruction: S.CmdStep,
+    StopsignalInstruction: S.StopsignalStep,
+    HealthcheckInstruction: S.HealthcheckStep,
+    OnbuildInstruction: S.OnbuildStep,
+    MaintainerInstruction: S.MaintainerStep,
+}
+
+
+class Builder:
+    """Builds images into ``store``. One Builder (one Solver) may serve several builds, sharing identical steps."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        resolver: ImageResolver,
+        solver: Solver,
+        layer_store: Any,
+        on_note: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.resolver = resolver
+        self.solver = solver
+        self.layers = layer_store
+        self.on_note = on_note or (lambda m: None)
+
+    # -- entry point ----------------------------------------------------------------------------------------
+    def build(self, req: BuildRequest) -> BuildResult:
+        from imgci.build.context import BuildContext
+
+        start = time.monotonic()
+        path, text = self._dockerfile(req)
+        dockerfile = parse_dockerfile(text, str(path))
+        for note in dockerfile.notes:
+            self.on_note(f"note: {note}")
+        platform = (req.platform or Platform.host()).normalized()
+        predefined = predefined_args(platform, Platform.host())
+        order = stages_needed(dockerfile, req.target, req.build_args, predefined=predefined)
+        scope = ArgScope(dockerfile, req.build_args, predefined)
+        epoch = req.source_date_epoch
+        created = _rfc3339(epoch if epoch is not None else time.time())
+        context = BuildContext(
+            req.context,
+            dockerfile=None if req.dockerfile_text is not None else path,
+            cache_dir=self.store.root / "cache" / "context",
+        )
+        scratch = Path(tempfile.mkdtemp(prefix="build-", dir=self._tmp_root()))
+        try:
+            ws = S.Workspace(
+                store=self.store,
+                layers=self.layers,
+                context=context,
+                created=created,
+                epoch=epoch,
+                compression=req.compression,
+                scratch=scratch,
+                view=self._view,
+            )
+            stages: dict[int, _StageInfo] = {}
+            count = 0
+            for index in order:
+                stages[index], n = self._convert_stage(dockerfile, index, scope, platform, stages, ws, str(req.context))
+                count += n
+            final_info = stages[order[-1]]
+            state: ImageState = self.solver.solve([final_info.vertex])[0]
+        finally:
+            context.close()
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+        if req.labels:
+            labels = dict(state.config.get("Labels") or {})
+            labels.update(req.labels)
+            state = state.with_config(Labels=labels)
+        manifest, desc = assemble(self.store, state, created=created, docker_media_types=req.docker_media_types)
+        names = [dockerfile.stages[i].display_name for i in order]
+        return BuildResult(manifest, desc, state, str(path), names, count, time.monotonic() - start)
+
+    def _tmp_root(self) -> Path:
+        root = self.store.root / "tmp"
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def _dockerfile(self, req: BuildRequest) -> tuple[Path, str]:
+        if req.dockerfile_text is not None:
+            return Path("Dockerfile (stdin)"), req.dockerfile_text
+        path = req.dockerfile or req.context / "Dockerfile"
+        try:
+            return path, path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"cannot find the Dockerfile {path}", hint="pass -f PATH") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read the Dockerfile {path}: {e}") from None
+
+    def _view(self, state: ImageState, description: str) -> Any:
+        for layer in state.layers:
+            self.layers.ensure_unpacked(layer.descriptor, layer.diff_id)
+        return self.layers.view(state.diff_ids, description)
+
+    # -- the dispatcher -------------------------------------------------------------------------------------
+    def _convert_stage(
+        self,
+        df: Dockerfile,
+        index: int,
+        scope: ArgScope,
+        target_platform: Platform,
+        done: dict[int, _StageInfo],
+        ws: S.Workspace,
+        context_id: str,
+    ) -> tuple[_StageInfo, int]:
+        stage = df.stages[index]
+        from_ = stage.from_.expand(scope.global_values)
+        platform = Platform.parse(from_.platform) if from_.platform else target_platform
+        base = base_of(df, stage, scope.global_values)
+        label = stage.display_name
+        total = len(stage.instructions) + 1
+        if base.kind == "stage":
+            parent_info = done[int(base.ref)]
+            # The child starts from the stage's image without its ONBUILD triggers (they run here, below).
+            parent = Vertex(
+                key=_key("from-stage", parent_info.vertex.key),
+                name=f"[{label} 1/{total}] FROM {df.stages[int(base.ref)].display_name}",
+                run=_without_onbuild,
+                inputs=[parent_info.vertex],
+            )
+            cfg_env = dict(parent_info.cfg_env)
+            onbuild = list(parent_info.onbuild)
+        elif base.kind == "scratch":
+            state0 = ImageState.scratch(platform)
+            parent = Vertex(
+                key=_key("scratch", str(platform)),
+                name=f"[{label} 1/{total}] FROM scratch",
+                run=_const(state0),
+            )
+            cfg_env = state0.env_map()
+            onbuild = []
+        else:
+            resolved = self.resolver.resolve(str(base.ref), platform)
+            layers = [
+                Layer(d, diff) for d, diff in zip(resolved.manifest.layers, resolved.config.diff_ids, strict=True)
+            ]
+            state0 = ImageState.from_image(resolved.config, layers, resolved.name, resolved.digest.value)
+            state0 = state0.with_config(OnBuild=None)
+            name = f"[{label} 1/{total}] FROM {resolved.name}@{resolved.digest.value}"
+            parent = Vertex(key=_key("from", resolved.digest.value, str(platform)), name=name, run=_const(state0))
+            cfg_env = state0.env_map()
+            cfg_env.setdefault("PATH", DEFAULT_PATH)
+            onbuild = list(resolved.config.config.get("OnBuild") or [])
+        instructions: list[Instruction] = []
+        if onbuild:
+            instructions += _parse_triggers(onbuild, df.filename, stage.from_.location.start)
+        instructions += stage.instructions
+        env = dict(cfg_env)
+        cmd_set = False
+        stage_onbuild: list[str] = []
+        for pos, raw in enumerate(instructions, start=2):
+            step: Any
+            inputs: list[Vertex] = [parent]
+            extra: dict[str, Any] = {}
+            if isinstance(raw, ArgInstruction):
+                bindings = scope.declare(raw, env)
+                for b in bindings:
+                    if b.value is not None:
+                        env[b.name] = b.value
+                step = S.ArgStep(raw, [(b.name, b.value) for b in bindings])
+                extra["args"] = [(b.name, b.value) for b in bindings]
+            elif isinstance(raw, RunInstruction):
+                raise BuildError(
+                    "RUN is not supported yet: the sandbox that runs it is the next milestone",
+                    file=raw.location.file,
+                    line=raw.location.start,
+                )
+            else:
+                instr = raw.expand(env)
+                if isinstance(instr, EnvInstruction):
+                    for k, v in instr.pairs:
+                        env[k] = v
+                        cfg_env[k] = v
+                if isinstance(instr, CmdInstruction):
+                    cmd_set = True
+                if isinstance(instr, OnbuildInstruction):
+                    stage_onbuild.append(instr.expression)
+                if isinstance(instr, EntrypointInstruction):
+                    step = S.EntrypointStep(instr, cmd_set)
+                elif isinstance(instr, WorkdirInstruction):
+                    step = S.WorkdirStep(instr)
+                elif isinstance(instr, CopyInstruction | AddInstruction):
+                    step, src_vertex = self._copy_step(df, instr, platform, done, context_id)
+                    if src_vertex is not None:
+                        inputs.append(src_vertex)
+                    extra["from"] = step.source_identity
+                    extra["context"] = context_id if not step.source_key else ""
+                elif type(instr) in _METADATA:
+                    step = _METADATA[type(instr)](instr)
+                else:
+                    raise BuildError(
+                        f"{instr.keyword} is not supported", file=instr.location.file, line=instr.location.start
+                    )
+                raw = instr
+            key = _key(parent.key, _instruction_identity(raw), extra, str(platform))
+            name = f"[{label} {pos}/{total}] {_display(raw)}"
+            parent = Vertex(key=key, name=name, run=self._runner(step, ws), inputs=inputs, data=raw)
+        info = _StageInfo(parent, cfg_env, stage_onbuild, platform)
+        return info, len(instructions)
+
+    def _copy_step(
+        self,
+        df: Dockerfile,
+        instr: CopyInstruction | AddInstruction,
+        platform: Platform,
+        done: dict[int, _StageInfo],
+        context_id: str,
+    ) -> tuple[S.CopyStep, Vertex | None]:
+        if not isinstance(instr, CopyInstruction) or instr.from_ is None:
+            return S.CopyStep(instr, "", f"context:{context_id}"), None
+        dep = resolve_copy_from(df, instr)
+        assert dep is not None
+        if dep.kind == "stage":
+            src = done[int(dep.ref)].vertex
+            return S.CopyStep(instr, f"stage:{dep.ref}", src.key), src
+        if dep.kind == "scratch":
+            raise BuildError(
+                "COPY --from=scratch has nothing to copy", file=instr.location.file, line=instr.location.start
+            )
+        try:
+            resolved = self.resolver.resolve(str(dep.ref), platform)
+        except DockerfileError:
+            raise
+        except BuildError:
+            raise
+        except Exception as e:
+            from imgci.errors import ImgciError
+
+            if not isinstance(e, ImgciError):
+                raise
+            raise BuildError(
+                f"COPY --from={dep.ref}: {e.message}", hint=e.hint, file=instr.location.file, line=instr.location.start
+            ) from None
+        state0 = _image_state(resolved)
+        src = Vertex(
+            key=_key("from", resolved.digest.value, str(platform)),
+            name=f"FROM {resolved.name}",
+            run=_const(state0),
+        )
+        return S.CopyStep(instr, f"image:{resolved.digest.value}", resolved.digest.value), src
+
+    def _runner(self, step: Any, ws: S.Workspace) -> Callable[[RunContext, list[Any]], Any]:
+        def run(ctx: RunContext, inputs: list[Any]) -> ImageState:
+            parent: ImageState = inputs[0]
+            local = dataclasses.replace(ws, sources=dict(ws.sources), log=ctx.log)
+            if isinstance(step, S.CopyStep) and step.source_key:
+                src_state: ImageState = inputs[1]
+                local.sources[step.source_key] = self._view(src_state, _source_name(step.source_key))
+            ctx.check()
+            return step.execute(parent, local)
+
+        return run
+
+
+def _without_onbuild(ctx: RunContext, inputs: list[Any]) -> ImageState:
+    state: ImageState = inputs[0]
+    return state.with_config(OnBuild=None)
+
+
+def _const(state: ImageState) -> Callable[[RunContext, list[Any]], ImageState]:
+    def run(ctx: RunContext, inputs: list[Any]) -> ImageState:
+        return state
+
+    return run
+
+
+def _image_state(resolved: ResolvedImage) -> ImageState:
+    manifest, cfg = resolved.manifest, resolved.config
+    if len(manifest.layers) != len(cfg.diff_ids):
+        raise BuildError(
+            f"image {resolved.name} is inconsistent: {len(manifest.layers)} layers but {len(cfg.diff_ids)} diff_ids"
+        )
+    layers = [Layer(d, diff) for d, diff in zip(manifest.layers, cfg.diff_ids, strict=True)]
+    return ImageState.from_image(cfg, layers, resolved.name, resolved.digest.value)
+
+
+def _source_name(key: str) -> str:
+    kind, _, ref = key.partition(":")
+    return f'stage "{ref}"' if kind == "stage" else f"image {ref}"
+
+
+def _display(instr: Instruction) -> str:
+    text = " ".join(instr.original.split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _parse_triggers(triggers: list[str], filename: str, line: int) -> list[Instruction]:
+    """A base image's ONBUILD triggers as instructions (located at the FROM line that pulled them in)."""
+    out: list[Instruction] = []
+    for trigger in triggers:
+        try:
+            mini = parse_dockerfile(f"FROM scratch\n{trigger}\n", f"{filename} (ONBUILD trigger of line {line})")
+        except DockerfileError as e:
+            raise DockerfileError(
+                f"invalid ONBUILD trigger {trigger!r}: {e.detail}", file=filename, line=line
+            ) from None
+        out += mini.stages[0].instructions
+    return out

@@ -1,0 +1,178 @@
+"""``imgci build``: flags (docker/buildx spelling), wiring of store, resolver, solver and layer store, outputs.
+
+Contract: every flag is validated before anything is built; the image goes into the local store under each
+``-t`` name (``--output type=image``, the default) and to every other ``--output``; ``--iidfile`` gets the
+manifest digest and ``--metadata-file`` buildx's keys. Progress goes to stderr; stdout carries only the
+image digest (``--quiet``) or an archive (``--output type=oci|docker,dest=-``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from imgci.errors import UsageError
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    from imgci.cli import cmd_build_entry
+
+    p = sub.add_parser(
+        "build",
+        help="Build an image from a Dockerfile.",
+        description="Build an image from a Dockerfile (docker build / buildx build flags).",
+        parents=[common],
+    )
+    p.set_defaults(handler=cmd_build_entry)
+    p.add_argument("context", metavar="PATH", help="build context directory")
+    p.add_argument("-t", "--tag", action="append", default=[], help="name[:tag] (repeatable)")
+    p.add_argument("-f", "--file", help="Dockerfile (default PATH/Dockerfile; - reads it from stdin)")
+    p.add_argument("--build-arg", action="append", default=[], metavar="KEY[=VALUE]", help="build-time variable")
+    p.add_argument("--target", help="build this stage (default: the last)")
+    p.add_argument("--platform", help="target platform os/arch[/variant] (default: host)")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="set a label on the image")
+    p.add_argument("--no-cache", action="store_true", help="do not reuse cached steps")
+    p.add_argument("--pull", action="store_true", help="always pull base images, even when in the local store")
+    p.add_argument(
+        "-o",
+        "--output",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="type=image|registry|oci|docker|local[,dest=…][,push=true] (repeatable; default type=image)",
+    )
+    p.add_argument("--push", action="store_true", help="shorthand for --output type=registry")
+    p.add_argument("--iidfile", help="write the image (manifest) digest to this file")
+    p.add_argument("--metadata-file", help="write build metadata as JSON (buildx keys) to this file")
+    p.add_argument("--compression", choices=["gzip", "zstd", "uncompressed"], default="gzip", help="layer compression")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the image digest")
+    p.add_argument(
+        "-b",
+        "--backend",
+        choices=["auto", "native", "overlay"],
+        default="auto",
+        help="snapshotter backend (img's -b; used by RUN steps)",
+    )
+
+
+def _build_args(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not key:
+            raise UsageError(f"invalid --build-arg {item!r}: expected KEY=VALUE or KEY")
+        if eq:
+            out[key] = value
+        elif key in os.environ:  # docker: --build-arg KEY takes the value from the environment
+            out[key] = os.environ[key]
+    return out
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not key or not eq:
+            raise UsageError(f"invalid --label {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
+    from imgci import reference
+    from imgci.build.builder import Builder, BuildRequest
+    from imgci.build.layerstore import LayerStore
+    from imgci.build.outputs import export, metadata, parse_output
+    from imgci.build.resolver import StoreResolver
+    from imgci.build.solver import Solver
+    from imgci.buildui import BuildProgress
+    from imgci.oci import Platform
+
+    context = Path(args.context)
+    if not context.is_dir():
+        raise UsageError(f"build context {context} is not a directory")
+    tags = [str(reference.parse(t)) for t in args.tag]
+    outputs = [parse_output(o) for o in args.output]
+    if args.push:
+        outputs.append(parse_output("type=registry"))
+    if not any(o.type == "image" for o in outputs):
+        outputs.insert(0, parse_output("type=image"))
+    if any(o.type == "image" and o.push for o in outputs) and not tags and not any(o.names for o in outputs):
+        raise UsageError("--push needs a name: add -t NAME")
+    epoch_text = os.environ.get("SOURCE_DATE_EPOCH") or _build_args(args.build_arg).get("SOURCE_DATE_EPOCH")
+    try:
+        epoch = int(epoch_text) if epoch_text else None
+    except ValueError:
+        raise UsageError(f"SOURCE_DATE_EPOCH must be an integer (seconds), got {epoch_text!r}") from None
+    dockerfile_text = None
+    dockerfile = None
+    if args.file == "-":
+        dockerfile_text = sys.stdin.read()
+    elif args.file:
+        dockerfile = Path(args.file)
+    request = BuildRequest(
+        context=context,
+        dockerfile=dockerfile,
+        dockerfile_text=dockerfile_text,
+        tags=tags,
+        build_args=_build_args(args.build_arg),
+        target=args.target,
+        platform=Platform.parse(args.platform) if args.platform else None,
+        labels=_labels(args.label),
+        compression="none" if args.compression == "uncompressed" else args.compression,
+        docker_media_types=any(o.type == "docker" for o in outputs),
+        source_date_epoch=epoch,
+    )
+    progress = BuildProgress("quiet" if args.quiet else (args.progress or "auto"))
+    solver = Solver(
+        max_workers=max(2, os.cpu_count() or 2),
+        on_event=progress.event,
+        on_log=lambda v, line: progress.log(v.key, v.name, line),
+    )
+    layer_store = LayerStore(store)
+    resolver = StoreResolver(store, client_factory=client_factory, pull="always" if args.pull else "missing")
+    builder = Builder(store, resolver=resolver, solver=solver, layer_store=layer_store, on_note=progress.note)
+    ok = False
+    try:
+        result = builder.build(request)
+        ok = True
+    finally:
+        progress.close(ok)
+        solver.close()
+    info: dict[str, Any] = {}
+    for spec in outputs:
+        info.update(
+            export(
+                store,
+                spec,
+                manifest=result.manifest,
+                descriptor=result.descriptor,
+                names=tags,
+                client_factory=client_factory,
+            )
+        )
+    digest = result.descriptor.digest.value
+    if args.iidfile:
+        Path(args.iidfile).write_text(digest)
+    if args.metadata_file:
+        extra = {
+            "imgci.dockerfile": result.dockerfile,
+            "imgci.stages": result.stages,
+            "imgci.duration": round(result.duration, 3),
+        }
+        if "pushed" in info:
+            extra["imgci.pushed"] = info["pushed"]
+        Path(args.metadata_file).write_text(
+            json.dumps(metadata(result.manifest, result.descriptor, tags, extra), indent=2) + "\n"
+        )
+    if args.quiet:
+        print(digest)
+    else:
+        for name in tags:
+            print(f"Successfully built {reference.parse(name).familiar()}", file=sys.stderr)
+        print(f"Image digest: {digest} ({result.steps} steps in {result.duration:.1f}s)", file=sys.stderr)
+    return 0
