@@ -61,3 +61,42 @@ def test_unprivileged_user_pull_push_save_unpack(
         assert "ok:" in user.imgci("fsck", state=state2)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_unprivileged_user_builds_with_chown(user: RootlessUser, busybox_tar: Path) -> None:
+    """Ownership in layers comes from the Dockerfile, not from the unprivileged user's files."""
+    home = user.private_dir()
+    try:
+        tar = home / "busybox.tar"
+        shutil.copy(busybox_tar, tar)
+        os.chmod(tar, 0o644)
+        ctx = home / "ctx"
+        ctx.mkdir()
+        (ctx / "f.txt").write_text("owned\n")
+        (ctx / "Dockerfile").write_text(
+            "FROM localhost/busybox:latest AS base\nCOPY --chown=nobody:nogroup f.txt /data/f.txt\n"
+            "FROM base\nCOPY --from=base /data/f.txt /again.txt\nWORKDIR /work\n"
+        )
+        for p in (ctx, ctx / "f.txt", ctx / "Dockerfile"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        state = home / "state"
+        user.imgci("import", str(tar), "localhost/busybox:latest", state=state)
+        user.imgci(
+            "build", "-t", "rootless/app:1", "--output", f"type=oci,dest={home / 'oci.tar'}", str(ctx), state=state
+        )
+        import tarfile
+
+        owners = {}
+        with tarfile.open(home / "oci.tar") as oci:
+            index = json.load(oci.extractfile("index.json"))  # type: ignore[arg-type]
+            manifest = json.load(oci.extractfile("blobs/sha256/" + index["manifests"][0]["digest"][7:]))  # type: ignore[arg-type]
+            for layer in manifest["layers"][1:]:
+                blob = oci.extractfile("blobs/sha256/" + layer["digest"][7:])
+                with tarfile.open(fileobj=blob, mode="r:gz") as lt:
+                    for m in lt.getmembers():
+                        owners[m.name.rstrip("/")] = (m.uid, m.gid)
+        assert owners["data/f.txt"] == (65534, 65534)
+        assert owners["again.txt"] == (65534, 65534)  # COPY --from keeps the stage's owners
+        assert owners["work"] == (0, 0)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
