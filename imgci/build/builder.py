@@ -44,6 +44,7 @@ from imgci.build.dockerfile import (
     WorkdirInstruction,
     base_of,
     parse_dockerfile,
+    parse_trigger,
     predefined_args,
     resolve_copy_from,
     stages_needed,
@@ -267,7 +268,7 @@ class Builder:
             onbuild = list(resolved.config.config.get("OnBuild") or [])
         instructions: list[Instruction] = []
         if onbuild:
-            instructions += _parse_triggers(onbuild, df.filename, stage.from_.location.start)
+            instructions += [parse_trigger(t, stage.from_) for t in onbuild]
         instructions += stage.instructions
         env = dict(cfg_env)
         cmd_set = False
@@ -406,17 +407,3 @@ def _source_name(key: str) -> str:
 def _display(instr: Instruction) -> str:
     text = " ".join(instr.original.split())
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _parse_triggers(triggers: list[str], filename: str, line: int) -> list[Instruction]:
-    """A base image's ONBUILD triggers as instructions (located at the FROM line that pulled them in)."""
-    out: list[Instruction] = []
-    for trigger in triggers:
-        try:
-            mini = parse_dockerfile(f"FROM scratch\n{trigger}\n", f"{filename} (ONBUILD trigger of line {line})")
-        except DockerfileError as e:
-            raise DockerfileError(
-                f"invalid ONBUILD trigger {trigger!r}: {e.detail}", file=filename, line=line
-            ) from None
-        out += mini.stages[0].instructions
-    return out

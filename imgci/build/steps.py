@@ -40,7 +40,7 @@ from imgci.build.dockerfile import (
     VolumeInstruction,
     WorkdirInstruction,
 )
-from imgci.build.fs import FileInfo, LayerEntry, SourceFS
+from imgci.build.fs import LayerEntry, SourceFS
 from imgci.build.image import ImageState, Layer
 from imgci.errors import BuildError, ImgciError
 from imgci.store import Store
@@ -354,14 +354,15 @@ class CopyStep:
         return src
 
     def cache_input(self, state: ImageState, ws: Workspace) -> dict[str, Any]:
+        """The instruction, what --from resolved to, WORKDIR, and the content digest of the context files read."""
+        from imgci.build.copyplan import source_digest
+
         i = self.instruction
         inputs: dict[str, Any] = {"instruction": i.original, "from": self.source_identity, "workdir": state.workdir}
-        if not self.source_key and ws.context is not None and hasattr(ws.context, "digest_of"):
-            local = [s for s in i.sources if "://" not in s and not s.startswith("git@")]
-            try:
-                inputs["context"] = ws.context.digest_of(_context_paths(ws.context, local))
-            except ImgciError:
-                inputs["context"] = "unresolved"
+        local = [s for s in i.sources if "://" not in s and not s.startswith("git@")]
+        if not self.source_key and ws.context is not None and local:
+            options = CopyOptions(excludes=tuple(i.excludes), parents=bool(getattr(i, "parents", False)))
+            inputs["sources"] = source_digest(local, src_fs=ws.context, options=options)
         return inputs
 
     def execute(self, state: ImageState, ws: Workspace) -> ImageState:
@@ -422,18 +423,3 @@ def _add_source(src: str, scratch: Path, i: CopyInstruction | AddInstruction) ->
         checkout = remote.clone_git(src, dest_dir=scratch, keep_git_dir=getattr(i, "keep_git_dir", None))
         return FromFS(checkout.fs(), "", unpack=False)
     return src
-
-
-def _context_paths(context: SourceFS, sources: list[str]) -> list[str | FileInfo]:
-    """The context entries COPY sources name (wildcards expanded; directories with everything below them)."""
-    from imgci.build.copysources import expand_sources
-    from imgci.build.fs import walk
-
-    paths: list[str | FileInfo] = []
-    for item in expand_sources(sources, context, CopyOptions(), None, 0.0):
-        if item.fs is not context:
-            continue
-        paths.append(item.real)
-        if item.info.type == "dir":
-            paths.extend(walk(context, item.real))
-    return paths
