@@ -23,6 +23,9 @@ Contract of :func:`apply_layer`:
   until then so that restrictive modes from the archive cannot block extraction.
 - Malformed or truncated archives raise :class:`CorruptArchiveError` (see ``tarstream``). After an error the
   target is partially written; callers discard it.
+
+:func:`extract_layer_dir` extracts one layer on its own for the layer store (``imgci.build.layerstore``) under
+the same rules, but keeps whiteouts as data and reports every entry's metadata to a callback.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +150,7 @@ class _Applier:
             if not e.is_dir:
                 raise UnsafeArchiveError(f"{e.name!r}: a non-directory entry cannot replace the root")
             self.dir_meta[""] = (e.mode, e.mtime)
+            self._added("", e)
             return
         base = parts[-1]
         if base.startswith(WHITEOUT_PREFIX):
@@ -171,9 +176,17 @@ class _Applier:
                 self.stats.skipped += 1
                 self.stats.warn(f"skipped {e.name!r}: unsupported tar entry type {e.type!r}")
                 return
-            self.added.add(key)
+            self._added(key, e)
         finally:
             os.close(pfd)
+
+    def _added(self, key: str, e: TarEntry) -> None:
+        """``e`` now exists at root-relative ``key`` (hook for :class:`LayerDirApplier`)."""
+        self.added.add(key)
+
+    def _disk_mode(self, mode: int, is_dir: bool) -> int:
+        """The mode to give an entry on disk (hook for :class:`LayerDirApplier`)."""
+        return mode
 
     def _file(self, e: TarEntry, reader: TarReader, pfd: int, base: str) -> None:
         self.root.clear(pfd, base, keep_dir=False)
@@ -185,7 +198,7 @@ class _Applier:
                     view = view[os.write(fd, view) :]
                 self.stats.bytes += len(chunk)
             self._chown(e, fd=fd)
-            os.fchmod(fd, e.mode)
+            os.fchmod(fd, self._disk_mode(e.mode, False))
             self._xattrs(e, fd)
             os.utime(fd, (e.mtime, e.mtime))
         finally:
@@ -258,7 +271,7 @@ class _Applier:
                 return False
             self.stats.devices += 1
         self._chown(e, name=base, dir_fd=pfd)
-        os.chmod(base, e.mode, dir_fd=pfd)  # just created by us: a device or fifo, not a symlink
+        os.chmod(base, self._disk_mode(e.mode, False), dir_fd=pfd)  # just created by us: a device or fifo
         os.utime(base, (e.mtime, e.mtime), dir_fd=pfd, follow_symlinks=False)
         return True
 
@@ -314,10 +327,10 @@ class _Applier:
                 try:
                     meta = self.dir_meta.get(key)
                     if meta is not None:
-                        os.fchmod(fd, meta[0])
+                        os.fchmod(fd, self._disk_mode(meta[0], True))
                         os.utime(fd, (meta[1], meta[1]))
                     else:
-                        os.fchmod(fd, self.root.relaxed[key])
+                        os.fchmod(fd, self._disk_mode(self.root.relaxed[key], True))
                 finally:
                     os.close(fd)
 
@@ -325,6 +338,77 @@ class _Applier:
 def apply_layer(stream: Readable, target: Path, *, unprivileged: bool | None = None) -> ApplyStats:
     """Apply one uncompressed layer tar ``stream`` onto the directory ``target``; see the module contract."""
     applier = _Applier(Path(target), unprivileged)
+    try:
+        applier.apply(stream)
+        applier.finish()
+    finally:
+        applier.close()
+    return applier.stats
+
+
+class LayerDirApplier(_Applier):
+    """Extracts one layer *alone*, keeping its whiteouts as data; see :func:`extract_layer_dir`."""
+
+    def __init__(self, target: Path, unprivileged: bool | None, record: LayerRecorder) -> None:
+        super().__init__(target, unprivileged)
+        self._record = record
+
+    def _added(self, key: str, e: TarEntry) -> None:
+        super()._added(key, e)
+        self._record("entry", key, e)
+
+    def _disk_mode(self, mode: int, is_dir: bool) -> int:
+        # Unprivileged, the files are ours whatever the tar says; the owner must still read them and remove them.
+        return mode if self.privileged else mode | (0o700 if is_dir else 0o400)
+
+    def _whiteout(self, e: TarEntry, parts: list[str]) -> None:
+        base = parts[-1]
+        victim = "" if base == OPAQUE_WHITEOUT else base[len(WHITEOUT_PREFIX) :]
+        if base != OPAQUE_WHITEOUT and victim in ("", ".", ".."):
+            raise UnsafeArchiveError(f"{e.name!r}: whiteout of {victim or 'the root'!r} is not allowed")
+        opened = self.root.walk(parts[:-1], create=True, follow=True, entry=e.name)
+        assert opened is not None
+        fd, names = opened
+        try:
+            self.root.clear(fd, base, keep_dir=False)
+            os.close(os.open(base, _O_NEWFILE, 0o600, dir_fd=fd))  # the marker itself, as data
+        finally:
+            os.close(fd)
+        self.stats.whiteouts += 1
+        self._record("opaque" if not victim else "whiteout", relpath([*names, victim] if victim else names), e)
+
+    def _special(self, e: TarEntry, pfd: int, base: str) -> bool:
+        if e.type == FIFO:
+            return super()._special(e, pfd, base)
+        self.root.clear(pfd, base, keep_dir=False)  # device nodes are metadata only, never created
+        self.stats.devices += 1
+        return True
+
+    def _hardlink(self, e: TarEntry, pfd: int, base: str) -> None:
+        try:
+            super()._hardlink(e, pfd, base)
+        except CorruptArchiveError:
+            # The target is in a lower layer: the link exists in the index only.
+            self.root.clear(pfd, base, keep_dir=False)
+            self.stats.hardlinks += 1
+
+
+LayerRecorder = Callable[[str, str, TarEntry], None]
+
+
+def extract_layer_dir(
+    stream: Readable, target: Path, record: LayerRecorder, *, unprivileged: bool | None = None
+) -> ApplyStats:
+    """Extract one uncompressed layer tar into ``target`` on its own (no lower layers), keeping whiteouts as data.
+
+    Same safety rules as :func:`apply_layer`, except: whiteout and opaque markers are created as empty files
+    (0600) and never applied; device nodes are never created (metadata only); a hardlink whose target is not in
+    this layer is not created; unprivileged, files get owner read and directories owner rwx on disk. Every entry
+    is reported as ``record(kind, key, entry)`` in archive order: kind ``entry`` with the root-relative path where
+    it now is (``""`` for the root), ``whiteout`` with the path it deletes below, ``opaque`` with the directory
+    whose lower contents it hides.
+    """
+    applier = LayerDirApplier(Path(target), unprivileged, record)
     try:
         applier.apply(stream)
         applier.finish()

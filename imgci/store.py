@@ -6,7 +6,8 @@ Layout of the state directory::
       oci-layout                {"imageLayoutVersion": "1.0.0"}
       blobs/sha256/<hex>        content-addressed blobs; a file here is always complete and verified
       ingest/<pid>-<random>     blobs being written (temp files; removed on failure, swept by gc)
-      index.db (+ -wal, -shm)   SQLite, WAL mode: refs, blobs, leases (and later: cache keys, unpacked layers)
+      index.db (+ -wal, -shm)   SQLite, WAL mode: refs, blobs, leases, unpacked layers (and later: cache keys)
+      layers/<hex>/             unpacked layers, one directory per diff_id (see imgci.build.layerstore)
       gc.lock                   flock held exclusively by gc, shared by writers holding a lease
 
 Contract:
@@ -45,7 +46,7 @@ from imgci.errors import (
 )
 from imgci.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Digest, ImageConfig, Index, Manifest
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: unpacked_layers
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS refs (
     name TEXT PRIMARY KEY,
@@ -69,6 +70,13 @@ CREATE TABLE IF NOT EXISTS lease_blobs (
     lease_id TEXT NOT NULL,
     digest TEXT NOT NULL,
     PRIMARY KEY (lease_id, digest)
+);
+CREATE TABLE IF NOT EXISTS unpacked_layers (
+    diff_id TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    entries INTEGER NOT NULL,
+    unpacked REAL NOT NULL,
+    last_used REAL NOT NULL
 );
 """
 _STALE_INGEST_SECONDS = 3600.0
