@@ -151,13 +151,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
     store = _store(args)
     candidates = [r for r in disk_usage(store) if r.reclaimable]
     blobs, freed = store.gc(dry_run=args.dry_run)
+    layers_removed = 0
+    if not args.dry_run and (store.root / "layers").is_dir():
+        # Unpacked layers are a cache: keep those of images still in the store, drop the rest.
+        from imgci.build.layerstore import LayerStore
+        from imgci.images import manifests_of
+
+        keep = set()
+        for rec in store.list_refs():
+            for manifest, _plat in manifests_of(store, rec.digest, rec.media_type):
+                keep.update(store.read_config(manifest.config.digest).diff_ids)
+        with LayerStore(store) as layer_store:
+            layers_removed, layer_bytes = layer_store.gc_unpacked(keep)
+        freed += layer_bytes
     rows = [["ID", "RECLAIMABLE", "SIZE", "DESCRIPTION"]]
     for r in candidates:
         rows.append([r.digest.value, "true", human_size(r.size), r.description])
     if len(rows) > 1:
         table(rows, sys.stdout)
     verb = "Would reclaim" if args.dry_run else "Reclaimed"
-    print(f"{verb}:\t{human_size(freed)} ({blobs} blobs)")
+    print(f"{verb}:\t{human_size(freed)} ({blobs} blobs, {layers_removed} unpacked layers)")
     return 0
 
 

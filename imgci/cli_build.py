@@ -143,6 +143,7 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
     finally:
         progress.close(ok)
         solver.close()
+        layer_store.close()
     info: dict[str, Any] = {}
     for spec in outputs:
         info.update(

@@ -53,7 +53,7 @@ class ImageState:
 
     @classmethod
     def scratch(cls, platform: Platform) -> ImageState:
-        return cls(platform=platform, config={"Env": [f"PATH={DEFAULT_PATH}"]})
+        return cls(platform=platform, config={"Env": [f"PATH={DEFAULT_PATH}"], "WorkingDir": "/"})
 
     @classmethod
     def from_image(cls, cfg: ImageConfig, layers: list[Layer], name: str, digest: str) -> ImageState:

@@ -109,7 +109,11 @@ class EnvStep(MetadataStep):
     def apply(self, state: ImageState) -> ImageState:
         env = state.env
         for key, value in self.instruction.pairs:
-            env = [e for e in env if e.partition("=")[0] != key] + [f"{key}={value}"]
+            names = [e.partition("=")[0] for e in env]
+            if key in names:  # an override keeps the variable's position, as BuildKit does
+                env[names.index(key)] = f"{key}={value}"
+            else:
+                env.append(f"{key}={value}")
         return state.with_config(Env=env)
 
 
@@ -274,6 +278,9 @@ class OnbuildStep(MetadataStep):
         triggers = list(state.config.get("OnBuild") or [])
         return state.with_config(OnBuild=[*triggers, self.instruction.expression])
 
+    def execute(self, state: ImageState, ws: Workspace) -> ImageState:
+        return self.apply(state)  # BuildKit records no history entry for ONBUILD
+
 
 class MaintainerStep(MetadataStep):
     instruction: MaintainerInstruction
@@ -322,7 +329,7 @@ class WorkdirStep:
         view = ws.view(state, "the image")
         real = view.resolve(rel)
         if real is not None and (info := view.lstat(real)) is not None and info.type == "dir":
-            return new.with_history(text, empty_layer=True, created=ws.created)
+            return _write(new, ws, [], text)  # BuildKit commits a layer for every WORKDIR, empty when it exists
         owner = (0, 0)
         if state.user:
             try:
@@ -418,6 +425,10 @@ def _add_source(src: str, scratch: Path, i: CopyInstruction | AddInstruction) ->
     kind = remote.classify(src)
     if kind == "http":
         download = remote.fetch_url(src, dest_dir=scratch, checksum=getattr(i, "checksum", None))
+        if download.last_modified is None:  # no Last-Modified: BuildKit (and buildah) use mtime 0
+            import os
+
+            os.utime(download.path, (0, 0))
         return FromFS(download.fs(), download.filename, unpack=False)
     if kind == "git":
         checkout = remote.clone_git(src, dest_dir=scratch, keep_git_dir=getattr(i, "keep_git_dir", None))
