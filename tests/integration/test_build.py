@@ -265,3 +265,16 @@ def test_missing_base_image_names_registry_and_reference(
     ctx = _context(tmp_path, f"FROM {ref}\n")
     err = imgci.fails("build", str(ctx))
     assert ref in err and registry.host in err
+
+
+def test_base_image_only_in_the_registry_is_pulled(
+    imgci: Imgci, imgci_factory: Callable[[], Imgci], busybox: str, tmp_path: Path, registry: RegistryServer
+) -> None:
+    remote = f"{registry.host}/build/base:1"
+    imgci.run("tag", busybox, remote)
+    imgci.run("push", remote)
+    fresh = imgci_factory()  # an empty store: the base must come from the registry
+    ctx = _context(tmp_path, f"FROM {remote}\nCOPY f /f\n", {"f": "pulled base"})
+    fresh.run("build", "-t", "test/from-registry:1", str(ctx))
+    assert sorted(fresh.run("ls", "-q").stdout.split()) == sorted([remote, "test/from-registry:1"])
+    assert (_files(fresh, "test/from-registry:1", tmp_path) / "bin" / "busybox").exists()
