@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any, cast
 
 from imgci import reference
@@ -247,6 +249,26 @@ class _Loaded:
                 return path
             path = self.links[path]
         raise CorruptArchiveError(f"archive link loop at {path!r}")
+
+
+def save_archive(
+    store: Store, images: Sequence[tuple[str | None, Digest]], fmt: str, dest: str | None, stdout: IO[bytes]
+) -> None:
+    """Save ``images`` as ``fmt`` ("docker" or "oci") to ``dest`` — atomically (temp file + rename), so a failed save
+    never leaves a partial archive under that name — or to ``stdout`` when ``dest`` is None or ``-``."""
+    save = save_oci_layout if fmt == "oci" else save_docker_archive
+    if dest is None or dest == "-":
+        save(store, images, stdout)
+        stdout.flush()
+        return
+    path = Path(dest)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            save(store, images, f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _is_metadata(path: str) -> bool:

@@ -258,7 +258,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_save(args: argparse.Namespace) -> int:
-    from imgci.archive import save_docker_archive, save_oci_layout
+    from imgci.archive import save_archive
     from imgci.images import resolve
 
     store = _store(args)
@@ -266,22 +266,11 @@ def cmd_save(args: argparse.Namespace) -> int:
     for name in args.images:
         rec = resolve(store, name)
         images.append((rec.name, rec.digest))
-    save = save_oci_layout if args.format == "oci" else save_docker_archive
+    if not args.output and sys.stdout.isatty():
+        raise UsageError("refusing to write a tar archive to a terminal; use -o FILE or redirect stdout")
+    save_archive(store, images, args.format, args.output, sys.stdout.buffer)
     if args.output:
-        out_path = Path(args.output)
-        tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                save(store, images, f)
-            os.replace(tmp, out_path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        print(f"Saved {', '.join(args.images)} to {out_path}", file=sys.stderr)
-    else:
-        if sys.stdout.isatty():
-            raise UsageError("refusing to write a tar archive to a terminal; use -o FILE or redirect stdout")
-        save(store, images, sys.stdout.buffer)
-        sys.stdout.buffer.flush()
+        print(f"Saved {', '.join(args.images)} to {args.output}", file=sys.stderr)
     return 0
 
 

@@ -9,7 +9,6 @@ Contract: ``parse_output(spec)`` validates one ``--output`` value up front (befo
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,23 +86,10 @@ def export(
             info["pushed"] = pushed
         info["names"] = normalised
     elif spec.type in ("oci", "docker"):
-        from imgci.archive import save_docker_archive, save_oci_layout
+        from imgci.archive import save_archive
 
-        save = save_oci_layout if spec.type == "oci" else save_docker_archive
         images: list[tuple[str | None, Digest]] = [(n, descriptor.digest) for n in all_names]
-        images = images or [(None, descriptor.digest)]
-        if spec.dest == "-":
-            save(store, images, sys.stdout.buffer)
-            sys.stdout.buffer.flush()
-        else:
-            dest = Path(spec.dest)
-            tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-            try:
-                with open(tmp, "wb") as f:
-                    save(store, images, f)
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
+        save_archive(store, images or [(None, descriptor.digest)], spec.type, spec.dest, sys.stdout.buffer)
         info["dest"] = spec.dest
     elif spec.type == "local":
         from imgci.layerfs import unpack_image
