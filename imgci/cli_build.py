@@ -103,7 +103,8 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
         outputs.insert(0, parse_output("type=image"))
     if any(o.type == "image" and o.push for o in outputs) and not tags and not any(o.names for o in outputs):
         raise UsageError("--push needs a name: add -t NAME")
-    epoch_text = os.environ.get("SOURCE_DATE_EPOCH") or _build_args(args.build_arg).get("SOURCE_DATE_EPOCH")
+    build_args = _build_args(args.build_arg)
+    epoch_text = os.environ.get("SOURCE_DATE_EPOCH") or build_args.get("SOURCE_DATE_EPOCH")
     try:
         epoch = int(epoch_text) if epoch_text else None
     except ValueError:
@@ -119,7 +120,7 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
         dockerfile=dockerfile,
         dockerfile_text=dockerfile_text,
         tags=tags,
-        build_args=_build_args(args.build_arg),
+        build_args=build_args,
         target=args.target,
         platform=Platform.parse(args.platform) if args.platform else None,
         labels=_labels(args.label),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -52,7 +53,7 @@ from imgci.build.dockerfile import (
 from imgci.build.image import DEFAULT_PATH, ImageState, Layer, assemble
 from imgci.build.resolver import ImageResolver, ResolvedImage
 from imgci.build.solver import RunContext, Solver, Vertex
-from imgci.errors import BuildError, DockerfileError, UsageError
+from imgci.errors import BuildError, DockerfileError, ImgciError, UsageError
 from imgci.oci import Descriptor, Manifest, Platform
 from imgci.store import Store
 
@@ -92,7 +93,6 @@ class _StageInfo:
     vertex: Vertex
     cfg_env: dict[str, str]
     onbuild: list[str]
-    platform: Platform
 
 
 def _key(*parts: Any) -> str:
@@ -185,8 +185,6 @@ class Builder:
             state: ImageState = self.solver.solve([final_info.vertex])[0]
         finally:
             context.close()
-            import shutil
-
             shutil.rmtree(scratch, ignore_errors=True)
         if req.labels:
             labels = dict(state.config.get("Labels") or {})
@@ -320,7 +318,7 @@ class Builder:
             key = _key(parent.key, _instruction_identity(raw), extra, str(platform))
             name = f"[{label} {pos}/{total}] {_display(raw)}"
             parent = Vertex(key=key, name=name, run=self._runner(step, ws), inputs=inputs, data=raw)
-        info = _StageInfo(parent, cfg_env, stage_onbuild, platform)
+        info = _StageInfo(parent, cfg_env, stage_onbuild)
         return info, len(instructions)
 
     def _copy_step(
@@ -344,15 +342,9 @@ class Builder:
             )
         try:
             resolved = self.resolver.resolve(str(dep.ref), platform)
-        except DockerfileError:
+        except (DockerfileError, BuildError):
             raise
-        except BuildError:
-            raise
-        except Exception as e:
-            from imgci.errors import ImgciError
-
-            if not isinstance(e, ImgciError):
-                raise
+        except ImgciError as e:  # any other resolution failure is located at the COPY line
             raise BuildError(
                 f"COPY --from={dep.ref}: {e.message}", hint=e.hint, file=instr.location.file, line=instr.location.start
             ) from None

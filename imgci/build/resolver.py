@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from imgci import reference
-from imgci.errors import ImageNotFoundError, ImgciError, PlatformError, RegistryNotFoundError
+from imgci.errors import ImageNotFoundError, RegistryNotFoundError
 from imgci.oci import Digest, ImageConfig, Manifest, Platform
 from imgci.store import Store
 
@@ -93,10 +93,6 @@ class StoreResolver:
                 f"base image {ref} not found: {e.message}",
                 hint="check the name and tag, or make it locally with `imgci import` / `imgci build`",
             ) from None
-        except PlatformError:
-            raise
-        except ImgciError:
-            raise
         desc = result.manifest
         doc = self.store.read_manifest(desc.digest, desc.media_type)
         assert isinstance(doc, Manifest)
