@@ -55,7 +55,33 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--backend",
         choices=["auto", "native", "overlay"],
         default="auto",
-        help="snapshotter backend (img's -b; used by RUN steps)",
+        help="RUN snapshotter: overlay (kernel overlayfs) or native (copy and diff); auto probes (img's -b)",
+    )
+    p.add_argument(
+        "--isolation",
+        choices=["auto", "userns", "chroot"],
+        default=os.environ.get("IMGCI_ISOLATION", "auto"),
+        help="RUN sandbox: userns (rootless), chroot (root in an unprivileged container); auto probes",
+    )
+    p.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="id=ID[,src=PATH|env=VAR]",
+        help="secret for RUN --mount=type=secret (repeatable; never stored in the image, cache or log)",
+    )
+    p.add_argument(
+        "--ssh",
+        action="append",
+        default=[],
+        metavar="default|ID[=SOCKET]",
+        help="SSH agent socket for RUN --mount=type=ssh (default: $SSH_AUTH_SOCK)",
+    )
+    p.add_argument(
+        "--network",
+        choices=["default", "host", "none"],
+        default="default",
+        help="network for RUN steps without --network (default: host)",
     )
 
 
@@ -69,6 +95,54 @@ def _build_args(items: list[str]) -> dict[str, str]:
             out[key] = value
         elif key in os.environ:  # docker: --build-arg KEY takes the value from the environment
             out[key] = os.environ[key]
+    return out
+
+
+def _secrets(items: list[str]) -> dict[str, bytes]:
+    """``--secret id=ID[,src=PATH|source=PATH|env=VAR][,type=file|env]`` as buildx parses it."""
+    out: dict[str, bytes] = {}
+    for item in items:
+        fields: dict[str, str] = {}
+        for part in item.split(","):
+            key, eq, value = part.partition("=")
+            if not eq:
+                raise UsageError(f"invalid --secret {item.split(',')[0]}…: expected key=value fields")
+            fields[key.strip().lower()] = value
+        secret_id = fields.get("id", "")
+        src = fields.get("src") or fields.get("source") or ""
+        env = fields.get("env", "")
+        if fields.get("type") == "env" and not env:
+            env, src = src or secret_id, ""
+        if not secret_id:
+            secret_id = src.rsplit("/", 1)[-1] if src else env
+        if not secret_id:
+            raise UsageError("invalid --secret: it needs id=")
+        if src:
+            try:
+                out[secret_id] = Path(src).expanduser().read_bytes()
+            except OSError as e:
+                raise UsageError(f"--secret id={secret_id}: cannot read {src}: {e.strerror}") from None
+        else:
+            name = env or secret_id
+            if name not in os.environ:
+                raise UsageError(f"--secret id={secret_id}: environment variable {name} is not set")
+            out[secret_id] = os.environ[name].encode()
+    return out
+
+
+def _ssh(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        ssh_id, _, path = item.partition("=")
+        ssh_id = ssh_id or "default"
+        sock = path or os.environ.get("SSH_AUTH_SOCK", "")
+        if not sock:
+            raise UsageError(f"--ssh {item}: no socket given and SSH_AUTH_SOCK is not set")
+        if "," in sock:
+            raise UsageError(f"--ssh {item}: only one socket per id is supported")
+        if not Path(sock).exists():
+            raise UsageError(f"--ssh {item}: {sock} does not exist")
+        out[ssh_id] = str(Path(sock).resolve())
     return out
 
 
@@ -127,6 +201,11 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
         compression="none" if args.compression == "uncompressed" else args.compression,
         docker_media_types=any(o.type == "docker" for o in outputs),
         source_date_epoch=epoch,
+        isolation=args.isolation,
+        backend=args.backend,
+        secrets=_secrets(args.secret),
+        ssh=_ssh(args.ssh),
+        network=args.network,
     )
     progress = BuildProgress("quiet" if args.quiet else (args.progress or "auto"))
     solver = Solver(

@@ -24,6 +24,7 @@ Hierarchy::
     ├── PlatformError               no manifest for the requested platform
     ├── DockerfileError             a Dockerfile that does not parse or expand (carries file and 1-based line)
     ├── BuildError                  a build step failed (carries the Dockerfile location when there is one)
+    │   └── SandboxError            RUN's sandbox cannot be set up here (namespaces, id maps, mounts); hint = the fix
     ├── CredentialsError            config.json or a credential helper failed
     └── RegistryError               talking to a registry (carries registry, repository, digest, status)
         ├── RegistryUnreachableError  connection refused / reset / timed out / DNS (temporary)
@@ -135,6 +136,10 @@ class BuildError(ImgciError):
         self.file = file
         self.line = line
         self.detail = message
+
+
+class SandboxError(BuildError):
+    """The sandbox that runs RUN cannot be set up on this machine; ``hint`` says what to change."""
 
 
 class CredentialsError(ImgciError):

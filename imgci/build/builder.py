@@ -48,10 +48,12 @@ from imgci.build.dockerfile import (
     parse_trigger,
     predefined_args,
     resolve_copy_from,
+    resolve_mount_from,
     stages_needed,
 )
 from imgci.build.image import DEFAULT_PATH, ImageState, Layer, assemble
 from imgci.build.resolver import ImageResolver, ResolvedImage
+from imgci.build.runstep import RunStep
 from imgci.build.solver import RunContext, Solver, Vertex
 from imgci.errors import BuildError, DockerfileError, ImgciError, UsageError
 from imgci.oci import Descriptor, Manifest, Platform
@@ -73,6 +75,11 @@ class BuildRequest:
     compression: str = "gzip"
     docker_media_types: bool = False
     source_date_epoch: int | None = None
+    isolation: str = "auto"  # RUN sandbox: auto | userns | chroot
+    backend: str = "auto"  # RUN snapshotter: auto | overlay | native
+    secrets: dict[str, bytes] = field(default_factory=dict)
+    ssh: dict[str, str] = field(default_factory=dict)
+    network: str = "default"  # RUN's network when the instruction does not say: default (= host) | host | none
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,10 @@ class Builder:
                 compression=req.compression,
                 scratch=scratch,
                 view=self._view,
+                sandbox=self._sandbox_factory(req),
+                secrets=dict(req.secrets),
+                ssh=dict(req.ssh),
+                network=req.network,
             )
             stages: dict[int, _StageInfo] = {}
             count = 0
@@ -193,6 +204,33 @@ class Builder:
         manifest, desc = assemble(self.store, state, created=created, docker_media_types=req.docker_media_types)
         names = [dockerfile.stages[i].display_name for i in order]
         return BuildResult(manifest, desc, state, str(path), names, count, time.monotonic() - start)
+
+    def _sandbox_factory(self, req: BuildRequest) -> Callable[[], Any]:
+        """The RUN sandbox, probed and made on first use (a build without RUN never probes)."""
+        import threading
+
+        lock = threading.Lock()
+        made: list[Any] = []
+
+        def get() -> Any:
+            with lock:
+                if not made:
+                    from imgci.build.sandbox.launcher import Sandbox
+                    from imgci.build.sandbox.probe import choose
+
+                    choice = choose(req.isolation, req.backend)
+                    for reason in choice.reasons:
+                        self.on_note(f"sandbox: {reason}")
+                    for warning in choice.warnings:
+                        self.on_note(f"warning: {warning}")
+                    made.append(
+                        Sandbox(
+                            self.store.root, choice, self.layers, on_warning=lambda w: self.on_note(f"warning: {w}")
+                        )
+                    )
+                return made[0]
+
+        return get
 
     def _tmp_root(self) -> Path:
         root = self.store.root / "tmp"
@@ -269,6 +307,7 @@ class Builder:
             instructions += [parse_trigger(t, stage.from_) for t in onbuild]
         instructions += stage.instructions
         env = dict(cfg_env)
+        stage_args: dict[str, str | None] = {}
         cmd_set = False
         stage_onbuild: list[str] = []
         for pos, raw in enumerate(instructions, start=2):
@@ -278,16 +317,18 @@ class Builder:
             if isinstance(raw, ArgInstruction):
                 bindings = scope.declare(raw, env)
                 for b in bindings:
+                    stage_args[b.name] = b.value
                     if b.value is not None:
                         env[b.name] = b.value
                 step = S.ArgStep(raw, [(b.name, b.value) for b in bindings])
                 extra["args"] = [(b.name, b.value) for b in bindings]
             elif isinstance(raw, RunInstruction):
-                raise BuildError(
-                    "RUN is not supported yet: the sandbox that runs it is the next milestone",
-                    file=raw.location.file,
-                    line=raw.location.start,
-                )
+                run = raw.expand(env)
+                step, mount_inputs = self._run_step(df, run, platform, done, list(stage_args.items()))
+                inputs += mount_inputs
+                extra["args"] = step.arg_env(cfg_env)
+                extra["mounts"] = {str(k): v for k, v in step.source_identity.items()}
+                raw = run
             else:
                 instr = raw.expand(env)
                 if isinstance(instr, EnvInstruction):
@@ -356,6 +397,52 @@ class Builder:
         )
         return S.CopyStep(instr, f"image:{resolved.digest.value}", resolved.digest.value), src
 
+    def _run_step(
+        self,
+        df: Dockerfile,
+        instr: RunInstruction,
+        platform: Platform,
+        done: dict[int, _StageInfo],
+        args: list[tuple[str, str | None]],
+    ) -> tuple[RunStep, list[Vertex]]:
+        """The RUN step and the vertices its ``--mount from=`` sources come from."""
+        step = RunStep(instr, args)
+        inputs: list[Vertex] = []
+        for n, m in enumerate(instr.mount_options):
+            if m.get("type", "bind") != "bind" or not m.get("from"):
+                continue
+            dep = resolve_mount_from(df, m["from"])
+            if dep.kind == "stage":
+                src = done[int(dep.ref)].vertex
+                identity = src.key
+            elif dep.kind == "scratch":
+                raise BuildError(
+                    "RUN --mount from=scratch has nothing to mount", file=instr.location.file, line=instr.location.start
+                )
+            else:
+                try:
+                    resolved = self.resolver.resolve(str(dep.ref), platform)
+                except (DockerfileError, BuildError):
+                    raise
+                except ImgciError as e:
+                    raise BuildError(
+                        f"RUN --mount from={dep.ref}: {e.message}",
+                        hint=e.hint,
+                        file=instr.location.file,
+                        line=instr.location.start,
+                    ) from None
+                src = Vertex(
+                    key=_key("from", resolved.digest.value, str(platform)),
+                    name=f"FROM {resolved.name}",
+                    run=_const(_image_state(resolved)),
+                )
+                identity = resolved.digest.value
+            key = f"mount:{n}"
+            step.mount_sources[n] = key
+            step.source_identity[n] = identity
+            inputs.append(src)
+        return step, inputs
+
     def _runner(self, step: Any, ws: S.Workspace) -> Callable[[RunContext, list[Any]], Any]:
         def run(ctx: RunContext, inputs: list[Any]) -> ImageState:
             parent: ImageState = inputs[0]
@@ -363,6 +450,9 @@ class Builder:
             if isinstance(step, S.CopyStep) and step.source_key:
                 src_state: ImageState = inputs[1]
                 local.sources[step.source_key] = self._view(src_state, _source_name(step.source_key))
+            if isinstance(step, RunStep):
+                local.states = {key: inputs[1 + i] for i, key in enumerate(step.mount_sources.values())}
+                local.check = ctx.check
             ctx.check()
             return step.execute(parent, local)
 

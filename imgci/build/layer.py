@@ -281,3 +281,44 @@ def write_layer(
                 raise BuildError(f"layer blob hashes to {digest} but {digests.digest} was compressed")
             diff_id, size, raw_size = digests.diff_id, digests.size, digests.uncompressed_size
     return LayerResult(Descriptor(media_type, digest, size), diff_id, raw_size, writer.entries, source_date_epoch)
+
+
+def write_layer_tar(
+    store: Store,
+    stream: Any,
+    *,
+    entry_count: int = 0,
+    compression: str = "gzip",
+    level: int | None = None,
+    tee: BufferSink | None = None,
+) -> LayerResult:
+    """Store an uncompressed layer tar read from ``stream`` (``read(n)``) as a compressed blob, in one pass.
+
+    The tar must already be in final form (see :func:`write_tar`); ``tee`` also receives it. Returns the layer's
+    descriptor and diff_id (``entry_count`` is reported as given).
+    """
+    media_type = layer_media_type(compression)
+    with store.blob_writer() as blob:
+        if compression == "none":
+            while chunk := stream.read(1 << 20):
+                blob.write(chunk)
+                if tee is not None:
+                    tee.write(memoryview(chunk))
+            digest = blob.commit()
+            diff_id, size, raw_size = digest, blob.size, blob.size
+        else:
+            out = AsyncSink(blob)
+            compressing = CompressingWriter(out, compression, level)
+            try:
+                while chunk := stream.read(1 << 20):
+                    compressing.write(chunk)
+                    if tee is not None:
+                        tee.write(memoryview(chunk))
+                digests = compressing.finish()
+            finally:
+                out.close(abort=sys.exc_info()[0] is not None)
+            digest = blob.commit()
+            if digest != digests.digest:
+                raise BuildError(f"layer blob hashes to {digest} but {digests.digest} was compressed")
+            diff_id, size, raw_size = digests.diff_id, digests.size, digests.uncompressed_size
+    return LayerResult(Descriptor(media_type, digest, size), diff_id, raw_size, entry_count)

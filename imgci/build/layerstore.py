@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from imgci.build.fs import LayerEntry
-from imgci.build.layer import HashSink, LayerResult, Tee, plan_entries, write_layer, write_tar
+from imgci.build.layer import HashSink, LayerResult, Tee, plan_entries, write_layer, write_layer_tar, write_tar
 from imgci.build.layerindex import LayerIndex, LayerIndexBuilder
 from imgci.build.tarwriter import TarPipe
 from imgci.build.union import MergedTree, UnionView, lookup_group, lookup_user
@@ -276,6 +276,30 @@ class LayerStore:
                 raise
             # The layer was written; only unpacking it on the fly failed (say, the disk under STATE/layers):
             # unpacking the blob reports the real problem or succeeds.
+            return results[0], self.ensure_unpacked(results[0].descriptor, results[0].diff_id)
+        self._install_locked(diff_id, extracted)
+        return results[0], self._held_path(diff_id, results[0].descriptor)
+
+    def write_layer_stream(
+        self, stream: Any, *, entry_count: int = 0, compression: str = "gzip", level: int | None = None
+    ) -> tuple[LayerResult, Path]:
+        """:func:`imgci.build.layer.write_layer_tar` (a finished tar read from ``stream``), unpacking it in the same
+        pass; returns its layer dir too."""
+        results: list[LayerResult] = []
+
+        def produce(pipe: TarPipe) -> Digest:
+            results.append(
+                write_layer_tar(
+                    self.store, stream, entry_count=entry_count, compression=compression, level=level, tee=pipe
+                )
+            )
+            return results[0].diff_id
+
+        try:
+            diff_id, extracted = self._unpack_while(produce)
+        except ImgciError:
+            if not results:
+                raise
             return results[0], self.ensure_unpacked(results[0].descriptor, results[0].diff_id)
         self._install_locked(diff_id, extracted)
         return results[0], self._held_path(diff_id, results[0].descriptor)

@@ -62,6 +62,16 @@ class Workspace:
     view: Callable[[ImageState, str], SourceFS]  # a state's root file system
     sources: dict[str, SourceFS] = field(default_factory=dict)
     log: Callable[[str], None] = lambda line: None
+    check: Callable[[], None] = lambda: None  # raises when the build was cancelled
+    states: dict[str, ImageState] = field(default_factory=dict)  # RUN --mount from= sources
+    sandbox: Callable[[], Any] = lambda: None  # the RUN sandbox (imgci.build.sandbox.launcher.Sandbox), made lazily
+    secrets: dict[str, bytes] = field(default_factory=dict)  # --secret id -> value
+    ssh: dict[str, str] = field(default_factory=dict)  # --ssh id -> agent socket path
+    network: str = "default"  # --network: RUN's network unless the instruction sets one
+
+    @property
+    def state_dir(self) -> Path:
+        return self.store.root
 
 
 class Step(Protocol):

@@ -243,7 +243,7 @@ def test_target_builds_only_what_it_needs(imgci: Imgci, busybox: str, tmp_path: 
         ("FROM {b} AS a\nCOPY --from=b /x /y\nFROM {b} AS b\nCOPY --from=a /x /y\n", 2, "stage"),
         ("FROM {b}\nCOPY --chmod=999 f /f\n", 2, "chmod"),
         ("FROM {b}\nCOPY --chown=nosuchuser f /f\n", 2, "nosuchuser"),
-        ("FROM {b}\nRUN echo hi\n", 2, "RUN"),
+        ("FROM {b}\nRUN exit 3\n", 2, "exit code 3"),
     ],
 )
 def test_bad_dockerfiles_name_file_and_line(

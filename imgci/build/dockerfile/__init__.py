@@ -50,6 +50,7 @@ from imgci.build.dockerfile.stages import (
     predefined_args,
     proxy_env,
     resolve_copy_from,
+    resolve_mount_from,
     stage_dependencies,
     stages_needed,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "predefined_args",
     "proxy_env",
     "resolve_copy_from",
+    "resolve_mount_from",
     "stage_dependencies",
     "stages_needed",
 ]

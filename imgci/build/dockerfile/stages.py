@@ -277,6 +277,11 @@ def resolve_copy_from(dockerfile: Dockerfile, instruction: CopyInstruction) -> S
     return _by_name(dockerfile, value)
 
 
+def resolve_mount_from(dockerfile: Dockerfile, value: str) -> StageDependency:
+    """What ``RUN --mount=…,from=X`` reads: a stage by name, else an image (as BuildKit resolves it)."""
+    return _by_name(dockerfile, value)
+
+
 def _edges(dockerfile: Dockerfile, stage: Stage) -> list[tuple[StageDependency, Instruction]]:
     """COPY --from and RUN --mount from= dependencies of a stage, in instruction order."""
     edges: list[tuple[StageDependency, Instruction]] = []

@@ -1,0 +1,352 @@
+"""The build process's side of the sandbox: start ``python -m imgci._sandbox`` for one RUN and collect its layer.
+
+Contract of :meth:`Sandbox.run`:
+- The child is started with ``subprocess`` (fork+exec, safe in this threaded process) with a clean environment and
+  only three pipes besides stdio: the spec goes in on stdin, events come back on stdout, the command's output on
+  one pipe and the layer tar on another. No other file descriptor of this process reaches it.
+- In ``userns`` isolation this process writes the child's uid/gid maps (``newuidmap``/``newgidmap`` with the
+  user's subordinate ranges, a full identity map as root, or a single-id map) when the child asks.
+- Output lines go to ``log`` as they come, with secret values (raw and base64) replaced by ``****``; the last 20
+  are kept for the error. A non-zero exit raises :class:`BuildError` naming the command and the exit code.
+- The layer tar is compressed into the store and unpacked into the layer store while the child writes it.
+- ``check()`` is polled while the step runs; when it raises (the build was cancelled), the child is killed,
+  its work directory removed, and the exception propagates.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+from imgci.build.sandbox.spec import ChildSpec, LayerRef, MountSpec, ProcessSpec
+from imgci.errors import BuildError, ImgciError
+from imgci.oci import Digest
+
+TAIL_LINES = 20
+
+
+@dataclass
+class RunRequest:
+    """One RUN: the root file system's layers, the process, its mounts and network."""
+
+    layers: list[LayerRef]
+    process: ProcessSpec
+    mounts: list[MountSpec] = field(default_factory=list)
+    network: str = "host"
+    compression: str = "gzip"
+    epoch: int | None = None
+    description: str = ""  # for messages: the Dockerfile instruction
+
+
+@dataclass
+class RunOutcome:
+    result: Any  # imgci.build.layer.LayerResult
+    layer_dir: Path
+    changes: int
+    warnings: list[str]
+
+
+class RunFailed(BuildError):
+    """The RUN command exited non-zero (``exit_code``, ``tail``: its last output lines)."""
+
+    def __init__(self, message: str, *, exit_code: int, tail: list[str], **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.exit_code = exit_code
+        self.tail = tail
+
+
+class _Redactor:
+    def __init__(self, values: list[bytes]) -> None:
+        words: set[str] = set()
+        for v in values:
+            if len(v) < 4:
+                continue
+            words.add(v.decode("utf-8", "replace"))
+            words.add(base64.b64encode(v).decode())
+            words.add(base64.b64encode(v).decode().rstrip("="))
+        self.words = sorted(words, key=len, reverse=True)
+
+    def __call__(self, line: str) -> str:
+        for w in self.words:
+            if w and w in line:
+                line = line.replace(w, "****")
+        return line
+
+
+class Sandbox:
+    """Runs RUN steps for one build. ``choice`` is :class:`imgci.build.sandbox.probe.Choice`."""
+
+    def __init__(self, state_dir: Path, choice: Any, layer_store: Any, *, on_warning: Callable[[str], None]) -> None:
+        self.state_dir = Path(state_dir)
+        self.choice = choice
+        self.layers = layer_store
+        self.on_warning = on_warning
+        flavor = "user" if choice.isolation == "userns" else "trusted"
+        self.snapshot_dir = self.state_dir / "snapshots" / flavor
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.state_dir / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def id_kind(self) -> str:
+        return str(self.choice.idmap.kind)
+
+    def _spec(self, **kw: Any) -> ChildSpec:
+        return ChildSpec(
+            isolation=self.choice.isolation,
+            backend=self.choice.backend,
+            id_kind=self.id_kind,
+            state_dir=str(self.state_dir),
+            snapshot_dir=str(self.snapshot_dir),
+            **kw,
+        )
+
+    # -- running a step -------------------------------------------------------------------------------------------
+    def run(
+        self,
+        req: RunRequest,
+        *,
+        log: Callable[[str], None],
+        check: Callable[[], None],
+        secret_values: list[bytes] | None = None,
+    ) -> RunOutcome:
+        work = self.tmp / f"run-{os.getpid()}-{secrets.token_hex(6)}"
+        work.mkdir()
+        spec = self._spec(
+            action="run",
+            work_dir=str(work),
+            layers=req.layers,
+            network="none" if req.network == "none" else "host",
+            mounts=req.mounts,
+            process=req.process,
+            hosts=_hosts(req.process.hostname),
+            resolv=_resolv(),
+            epoch=req.epoch,
+        )
+        redact = _Redactor(secret_values or [])
+        out_r, out_w = os.pipe()
+        tar_r, tar_w = os.pipe()
+        spec.output_fd, spec.tar_fd = out_w, tar_w
+        try:
+            proc = self._start(pass_fds=(out_w, tar_w))
+        except BaseException:
+            for fd in (out_r, out_w, tar_r, tar_w):
+                os.close(fd)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        os.close(out_w)
+        os.close(tar_w)
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        layer_box: list[Any] = []
+        failures: list[BaseException] = []
+
+        def read_output() -> None:
+            with open(out_r, "rb", buffering=0) as f:
+                pending = b""
+                while chunk := f.read(65536):
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for raw in lines:
+                        line = redact(raw.decode("utf-8", "replace").rstrip("\r"))
+                        tail.append(line)
+                        log(line)
+                if pending:
+                    line = redact(pending.decode("utf-8", "replace"))
+                    tail.append(line)
+                    log(line)
+
+        def read_tar() -> None:
+            with open(tar_r, "rb") as f:
+                head = f.read(1)
+                if not head:
+                    return
+                try:
+                    layer_box.append(self.layers.write_layer_stream(_Prefixed(head, f), compression=req.compression))
+                except BaseException as e:
+                    failures.append(e)
+                    with contextlib.suppress(OSError):
+                        while f.read(1 << 20):
+                            pass
+
+        readers = [
+            threading.Thread(target=read_output, name="imgci-run-output", daemon=True),
+            threading.Thread(target=read_tar, name="imgci-run-layer", daemon=True),
+        ]
+        for t in readers:
+            t.start()
+        try:
+            events = self._converse(proc, spec, check)
+            for t in readers:
+                t.join()
+        except BaseException:
+            _kill(proc)
+            for t in readers:
+                t.join(timeout=10)
+            self.cleanup(work)
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=30)
+        if work.exists():
+            self.cleanup(work)
+        warnings = [e["message"] for e in events if e["event"] == "warning"]
+        for w in warnings:
+            self.on_warning(w)
+        errors = [e["message"] for e in events if e["event"] == "error"]
+        if errors:
+            raise BuildError(f"the sandbox could not run {req.description or 'the step'}: {errors[0]}")
+        exits = [e["code"] for e in events if e["event"] == "exit"]
+        if not exits:
+            stderr = (proc.stderr.read() if proc.stderr else b"").decode("utf-8", "replace").strip()
+            raise BuildError(
+                f"the sandbox ended without running the command (status {proc.returncode}): {stderr[-2000:]}"
+            )
+        code = exits[0]
+        if code != 0:
+            shown = " ".join(req.process.args)
+            raise RunFailed(
+                f"process {shown!r} did not complete successfully: exit code: {code}", exit_code=code, tail=list(tail)
+            )
+        if failures:
+            raise failures[0]
+        layer_events = [e for e in events if e["event"] == "layer"]
+        if not layer_box or not layer_events:
+            raise BuildError("the sandbox reported success but sent no layer")
+        result, layer_dir = layer_box[0]
+        info = layer_events[0]
+        if result.diff_id != Digest(info["diff_id"]):
+            raise BuildError(f"the RUN layer arrived as {result.diff_id}, the sandbox wrote {info['diff_id']}")
+        result = replace(result, entry_count=int(info["entries"]))
+        return RunOutcome(result, layer_dir, int(info["changes"]), warnings)
+
+    def _start(self, pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+        pythonpath = os.pathsep.join(p for p in sys.path if p)
+        env["PYTHONPATH"] = pythonpath
+        return subprocess.Popen(
+            [sys.executable, "-m", "imgci._sandbox"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=pass_fds,
+            close_fds=True,
+            env=env,
+            cwd="/",
+            start_new_session=True,
+        )
+
+    def _converse(
+        self, proc: subprocess.Popen[bytes], spec: ChildSpec, check: Callable[[], None]
+    ) -> list[dict[str, Any]]:
+        """Send the spec, answer ``maps``, collect events until ``done`` (polling ``check``)."""
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(spec.dumps().encode() + b"\n")
+        proc.stdin.flush()
+        events: list[dict[str, Any]] = []
+        lines: collections.deque[bytes | None] = collections.deque()
+        ready = threading.Event()
+
+        def pump(stdout: IO[bytes]) -> None:
+            for raw in stdout:
+                lines.append(raw)
+                ready.set()
+            lines.append(None)
+            ready.set()
+
+        threading.Thread(target=pump, args=(proc.stdout,), name="imgci-run-events", daemon=True).start()
+        while True:
+            ready.wait(0.2)
+            ready.clear()
+            check()
+            while lines:
+                raw = lines.popleft()
+                if raw is None:
+                    return events
+                try:
+                    ev = json.loads(raw)
+                except ValueError:
+                    continue
+                if ev.get("event") == "maps":
+                    self._map(int(ev["pid"]))
+                    proc.stdin.write(b"go\n")
+                    proc.stdin.flush()
+                    continue
+                events.append(ev)
+
+    def _map(self, pid: int) -> None:
+        from imgci.build.sandbox.idmap import apply_idmap
+
+        apply_idmap(pid, self.choice.idmap)
+
+    # -- cleanup ---------------------------------------------------------------------------------------------------
+    def cleanup(self, *paths: Path) -> None:
+        """Remove directories the child made (as root in its namespace, so files of other ids go too)."""
+        todo = [p for p in paths if os.path.lexists(p)]
+        if not todo:
+            return
+        if self.choice.isolation == "userns" and self.id_kind != "root":
+            spec = self._spec(action="remove", remove=[str(p) for p in todo])
+            proc = self._start(pass_fds=())
+            with contextlib.suppress(ImgciError, OSError):
+                self._converse(proc, spec, lambda: None)
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=60)
+        for p in todo:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class _Prefixed:
+    """A reader that yields ``head`` and then the rest of ``f``."""
+
+    def __init__(self, head: bytes, f: IO[bytes]) -> None:
+        self.head = head
+        self.f = f
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self.head:
+            head, self.head = self.head, b""
+            return head + self.f.read(max(n - len(head), 0)) if n > 1 else head
+        return self.f.read(n)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(OSError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            proc.kill()
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=10)
+
+
+def _hosts(hostname: str) -> str:
+    return (
+        f"127.0.0.1\tlocalhost {hostname}\n"
+        "::1\tlocalhost ip6-localhost ip6-loopback\n"
+        "fe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
+    )
+
+
+def _resolv() -> str:
+    """The host's resolver configuration (what a RUN on the host network needs); a public fallback if none."""
+    try:
+        text = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        text = ""
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith(("#", ";"))]
+    return "\n".join(lines) + "\n" if lines else ""

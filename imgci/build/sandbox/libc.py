@@ -1,0 +1,111 @@
+"""The libc calls Python's ``os`` module lacks (on 3.11), through cffi in ABI mode — the only cffi user.
+
+Contract: each function raises :class:`OSError` (with errno and the call's name) on failure, like ``os`` does.
+Nothing here is compiled: ``cffi`` opens the process's own libc (``dlopen(None)``), so installing imgci needs no
+compiler. Constants are Linux's (identical on x86_64 and aarch64).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+
+MNT_DETACH = 2
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "arm64": 41}
+
+_CDEF = """
+int unshare(int flags);
+int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const void *data);
+int umount2(const char *target, int flags);
+int sethostname(const char *name, size_t len);
+long syscall(long number, ...);
+int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5);
+"""
+
+_lib: Any = None
+_ffi: Any = None
+
+
+def _libc() -> tuple[Any, Any]:
+    global _lib, _ffi
+    if _lib is None:
+        import cffi
+
+        ffi = cffi.FFI()
+        ffi.cdef(_CDEF)
+        _lib, _ffi = ffi.dlopen(None), ffi
+    return _lib, _ffi
+
+
+def _check(result: int, call: str, *paths: str) -> None:
+    if result != 0:
+        _, ffi = _libc()
+        err = ffi.errno
+        raise OSError(err, f"{call}: {os.strerror(err)}", *paths[:1])
+
+
+def unshare(flags: int) -> None:
+    lib, _ = _libc()
+    _check(lib.unshare(flags), "unshare")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
+    lib, ffi = _libc()
+    enc = os.fsencode
+    _check(
+        lib.mount(
+            enc(source) if source is not None else ffi.NULL,
+            enc(target),
+            enc(fstype) if fstype is not None else ffi.NULL,
+            flags,
+            enc(data) if data is not None else ffi.NULL,
+        ),
+        f"mount {fstype or 'bind'} on {target}",
+        target,
+    )
+
+
+def umount(target: str, flags: int = 0) -> None:
+    lib, _ = _libc()
+    _check(lib.umount2(os.fsencode(target), flags), f"umount {target}", target)
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    lib, ffi = _libc()
+    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise OSError(38, f"pivot_root: unknown syscall number on {platform.machine()}")
+    result = lib.syscall(number, ffi.new("char[]", os.fsencode(new_root)), ffi.new("char[]", os.fsencode(put_old)))
+    _check(int(result), "pivot_root", new_root)
+
+
+def sethostname(name: str) -> None:
+    lib, _ = _libc()
+    raw = name.encode()
+    _check(lib.sethostname(raw, len(raw)), "sethostname")
+
+
+def prctl(option: int, arg: int) -> None:
+    lib, _ = _libc()
+    _check(lib.prctl(option, arg, 0, 0, 0), "prctl")
