@@ -163,7 +163,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 keep.update(store.read_config(manifest.config.digest).diff_ids)
         with LayerStore(store) as layer_store:
             layers_removed, layer_bytes = layer_store.gc_unpacked(keep)
-        freed += layer_bytes
+            freed += layer_bytes
+            if any((store.root / d).is_dir() for d in ("snapshots", "tmp", "cache/mounts")):
+                from imgci.build.sandbox.cleanup import sweep
+
+                _, sandbox_bytes = sweep(store.root, layer_store, keep)
+                freed += sandbox_bytes
     rows = [["ID", "RECLAIMABLE", "SIZE", "DESCRIPTION"]]
     for r in candidates:
         rows.append([r.digest.value, "true", human_size(r.size), r.description])
@@ -510,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("logout", cmd_logout, "Log out from a registry.")
     p.add_argument("server", nargs="?", metavar="SERVER")
 
+    from imgci.cli_doctor import add_parser as add_doctor
+
+    add_doctor(sub, common)
     add("version", cmd_version, "Show the version information.")
     return parser
 

@@ -104,6 +104,13 @@ class LayerStore:
                 pass  # gc removed the lock file between open and flock: take a fresh one
             os.close(fd)
 
+    def lock_exclusive_nowait(self, diff_id: Digest) -> int | None:
+        """An fd holding the exclusive lock of ``diff_id`` (nobody uses the layer), or None if it is in use."""
+        with self._lock:
+            if diff_id in self._held:
+                return None
+        return self._flock(diff_id, exclusive=True, blocking=False)
+
     def _hold(self, diff_id: Digest) -> Path | None:
         """Take a shared lock on an existing layer (kept until close); None if it is not unpacked."""
         with self._lock:

@@ -82,7 +82,7 @@ class RunStep:
         from imgci.build.sandbox.spec import LayerRef, ProcessSpec
 
         i = self.instruction
-        where = {"file": i.location.file, "line": i.location.start}
+        where: dict[str, Any] = {"file": i.location.file, "line": i.location.start}
         if i.security == "insecure":
             raise BuildError("RUN --security=insecure is not supported: imgci runs RUN unprivileged", **where)
         try:

@@ -144,13 +144,14 @@ class Rootfs:
         self.stubs: list[tuple[str, bool]] = []  # (path, is_dir) created as mount points, in creation order
         self.parent_times: dict[str, tuple[int, int]] = {}
 
-    def stub(self, target: str, is_dir: bool) -> None:
-        """Make sure mount point ``target`` exists (created inside the root, never through a symlink out)."""
+    def stub(self, target: str, is_dir: bool) -> str:
+        """Make sure mount point ``target`` exists (created inside the root, never through a symlink out); returns
+        where it is, relative to the root."""
         from imgci.rootdir import RootDir
 
         parts = [p for p in target.split("/") if p]
         if not parts:
-            return
+            return ""
         created: list[str] = []
         root = RootDir(self.path, on_mkdir=created.append)
         try:
@@ -176,6 +177,7 @@ class Rootfs:
             root.close()
         for path in created:
             self.stubs.append((path, os.path.isdir(self.path / path) and not os.path.islink(self.path / path)))
+        return rel
 
     def _remember_parents(self, root: Any, parts: list[str]) -> None:
         for n in range(len(parts)):
@@ -502,10 +504,19 @@ def run(spec: ChildSpec) -> int:
         before = snapshots.scan(rootfs.path) if spec.backend == "native" else {}
         assert spec.process is not None
         _ensure_workdir(rootfs.path, spec.process.cwd)
+        _init_caches(spec)
+        _prepare_binds(spec, rootfs)
+        placements = None
         if can_mount:
-            _prepare_binds(spec, rootfs)
             for target, is_dir in _mount_points(spec):
                 rootfs.stub(target, is_dir)
+        else:
+            from imgci.build.sandbox.nomount import place_all
+
+            notes: list[str] = []
+            placements = place_all(spec, rootfs, notes)
+            for w in notes:
+                _report("warning", message=w)
         pid_ns = False
         try:
             libc.unshare(libc.CLONE_NEWPID)
@@ -521,6 +532,8 @@ def run(spec: ChildSpec) -> int:
         status = _wait(pid, pid_ns)
         code = os.waitstatus_to_exitcode(status)
         _report("exit", code=code)
+        if placements is not None:
+            placements.undo()
         rootfs.remove_stubs()
         if code != 0:
             os.close(spec.tar_fd)
@@ -556,17 +569,29 @@ def run(spec: ChildSpec) -> int:
         snapshots.remove_tree(work)
 
 
+def _init_caches(spec: ChildSpec) -> None:
+    """A cache mount's directory gets its ``mode``/``uid``/``gid`` when it is new (empty), as BuildKit creates it."""
+    for m in spec.mounts:
+        if m.kind != "cache":
+            continue
+        path = Path(m.source)
+        with contextlib.suppress(OSError):
+            if not any(path.iterdir()):
+                os.chown(path, m.uid, m.gid)
+                os.chmod(path, m.mode)
+
+
 def _prepare_binds(spec: ChildSpec, rootfs: Rootfs) -> None:
     """Give every bind mount a host directory to bind: a stage/image as an overlay (writes go to a throw-away
     upper) or a copy, the build context directly (read-only) or under an overlay (``rw``)."""
     from imgci.build.sandbox import snapshots
 
     for n, m in enumerate(spec.mounts):
-        if m.kind != "bind" or (not m.layers and m.readonly):
+        if m.kind != "bind" or (not m.layers and (m.readonly or not rootfs.can_mount)):
             continue
         base = Path(spec.work_dir) / f"bind-{n}"
         base.mkdir()
-        if m.layers and spec.backend == "native":
+        if m.layers and (spec.backend == "native" or not rootfs.can_mount):
             tree = base / "tree"
             tree.mkdir()
             snapshots.materialise(tree, m.layers, unprivileged=spec.id_kind == "single")

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from imgci.build.sandbox.spec import ChildSpec, LayerRef, MountSpec, ProcessSpec
-from imgci.errors import BuildError, ImgciError
+from imgci.build.sandbox.spec import ChildSpec, IdKind, LayerRef, MountSpec, ProcessSpec
+from imgci.errors import BuildError
 from imgci.oci import Digest
 
 TAIL_LINES = 20
@@ -101,8 +101,9 @@ class Sandbox:
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     @property
-    def id_kind(self) -> str:
-        return str(self.choice.idmap.kind)
+    def id_kind(self) -> IdKind:
+        kind: IdKind = self.choice.idmap.kind
+        return kind
 
     def _spec(self, **kw: Any) -> ChildSpec:
         return ChildSpec(
@@ -293,19 +294,11 @@ class Sandbox:
 
     # -- cleanup ---------------------------------------------------------------------------------------------------
     def cleanup(self, *paths: Path) -> None:
-        """Remove directories the child made (as root in its namespace, so files of other ids go too)."""
-        todo = [p for p in paths if os.path.lexists(p)]
-        if not todo:
-            return
-        if self.choice.isolation == "userns" and self.id_kind != "root":
-            spec = self._spec(action="remove", remove=[str(p) for p in todo])
-            proc = self._start(pass_fds=())
-            with contextlib.suppress(ImgciError, OSError):
-                self._converse(proc, spec, lambda: None)
-            with contextlib.suppress(Exception):
-                proc.wait(timeout=60)
-        for p in todo:
-            shutil.rmtree(p, ignore_errors=True)
+        """Remove directories the child made (files of other ids too: from a namespace when not root)."""
+        from imgci.build.sandbox.cleanup import remove_owned
+
+        for problem in remove_owned(list(paths)):
+            self.on_warning(problem)
 
 
 class _Prefixed:

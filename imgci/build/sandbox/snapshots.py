@@ -337,10 +337,10 @@ def _finish(root: Path, changed: dict[str, LayerEntry], stats: dict[str, os.stat
         entry = changed[path]
         if entry.info.type != "file" or entry.whiteout:
             continue
-        st = stats.get(path)
-        if st is None or st.st_nlink < 2:
+        link_st = stats.get(path)
+        if link_st is None or link_st.st_nlink < 2:
             continue
-        key = (st.st_dev, st.st_ino)
+        key = (link_st.st_dev, link_st.st_ino)
         if key in first:
             info = entry.info
             changed[path] = LayerEntry(
@@ -366,14 +366,12 @@ def diff_native(root: Path, before: dict[str, Meta]) -> list[LayerEntry]:
         old = before.get(path)
         if old is None or not _same(old, _meta(st)):
             changed[path] = _entry(root, path, st)
-    for path, old in before.items():
+    for path in before:
         if path in seen:
             continue
         parent = path.rpartition("/")[0]
         if parent and (parent not in seen or not stat.S_ISDIR(stats[parent].st_mode)):
             continue  # the parent went too (its own whiteout or replacement covers this)
-        if parent and parent in before and stats[parent].st_ino != before[parent].ino:
-            pass  # a re-created directory: lower children still need their whiteouts
         changed[path] = _whiteout(path)
     return _finish(root, changed, stats)
 
