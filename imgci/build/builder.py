@@ -218,7 +218,7 @@ class Builder:
                     from imgci.build.sandbox.launcher import Sandbox
                     from imgci.build.sandbox.probe import choose
 
-                    choice = choose(req.isolation, req.backend)
+                    choice = choose(req.isolation, req.backend, scratch=self._tmp_root())
                     for reason in choice.reasons:
                         self.on_note(f"sandbox: {reason}")
                     for warning in choice.warnings:

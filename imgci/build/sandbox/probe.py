@@ -140,7 +140,7 @@ def choose(
     elif overlay.ok:
         chosen = "overlay"
         how = "with userxattr in a user namespace" if iso == "userns" else "as root in a private mount namespace"
-        reasons.append(f"overlay: kernel overlayfs works {how}, whiteouts included")
+        reasons.append(f"overlay: kernel overlayfs works {how}, with whiteouts and opaque dirs")
     elif backend == "overlay":
         raise SandboxError(f"--backend overlay does not work with isolation {iso}: {overlay.detail}", hint=overlay.fix)
     else:
@@ -370,18 +370,24 @@ class _ProbeFailed(Exception):
     pass
 
 
+def _map_self(euid: int, egid: int) -> None:
+    """Map root inside to ``euid``/``egid`` outside: what a process may write for itself after unsharing."""
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {euid} 1"), ("gid_map", f"0 {egid} 1")):
+        try:
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise _ProbeFailed(f"writing /proc/self/{name} after unshare: {e.strerror}") from e
+
+
 def _enter(userns: bool, extra: int = 0) -> None:
     """A private mount namespace (in a new user namespace mapping only ourselves, when ``userns``)."""
     from imgci.build.sandbox import libc
 
+    euid, egid = os.geteuid(), os.getegid()
+    libc.unshare(libc.CLONE_NEWNS | extra | (libc.CLONE_NEWUSER if userns else 0))
     if userns:
-        euid, egid = os.geteuid(), os.getegid()
-        libc.unshare(libc.CLONE_NEWUSER | libc.CLONE_NEWNS | extra)
-        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {euid} 1"), ("gid_map", f"0 {egid} 1")):
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
-    else:
-        libc.unshare(libc.CLONE_NEWNS | extra)
+        _map_self(euid, egid)
     # never let a test mount propagate to the host's mount namespace
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
 
@@ -389,14 +395,16 @@ def _enter(userns: bool, extra: int = 0) -> None:
 def _test_userns(work: Path) -> str:
     from imgci.build.sandbox import libc
 
+    euid, egid = os.geteuid(), os.getegid()
     try:
-        _enter(True, libc.CLONE_NEWPID | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS)
+        libc.unshare(libc.CLONE_NEWUSER | libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS)
     except OSError as e:
         try:
             libc.unshare(libc.CLONE_NEWUSER)
         except OSError:
             raise e from None
         raise _ProbeFailed(f"unshare(CLONE_NEWUSER) works, but not with mount/pid/ipc/uts namespaces: {e.strerror}")
+    _map_self(euid, egid)
     return "user, mount, pid, ipc and uts namespaces can be created and a self map written"
 
 
