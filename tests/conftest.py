@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.infra.debian import debian_rootfs_tar
 from tests.infra.registry import RegistryServer
 from tests.infra.rootfs import make_busybox_rootfs_tar
 
@@ -107,6 +108,41 @@ def busybox(imgci: Imgci, busybox_tar: Path) -> str:
     """``localhost/busybox:latest`` imported into this test's state dir; returns the name."""
     imgci.run("import", str(busybox_tar), "localhost/busybox:latest", "--change", 'CMD=["sh"]')
     return "localhost/busybox:latest"
+
+
+DEBIAN_CHANGES = ("ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 'CMD ["bash"]')
+DEBIAN_IMAGE = "localhost/debian:bookworm"
+
+
+def import_debian(cli: Imgci, tar: Path, name: str = DEBIAN_IMAGE) -> str:
+    """Import the Debian rootfs tar into ``cli``'s state as ``name`` (PATH and CMD as Debian's images set them)."""
+    changes = [arg for change in DEBIAN_CHANGES for arg in ("--change", change)]
+    cli.run("import", str(tar), name, *changes)
+    return name
+
+
+@pytest.fixture(scope="session")
+def debian_tar() -> Path:
+    """The cached Debian bookworm minbase rootfs tar (tests/infra/debian.py); built on first use (~25 s, network)."""
+    return debian_rootfs_tar()
+
+
+@pytest.fixture
+def debian_image(imgci: Imgci, debian_tar: Path) -> str:
+    """``localhost/debian:bookworm`` imported into this test's state dir; returns the name."""
+    return import_debian(imgci, debian_tar)
+
+
+@pytest.fixture(scope="session")
+def debian_registry_image(tmp_path_factory: pytest.TempPathFactory, registry: RegistryServer, debian_tar: Path) -> str:
+    """The Debian image pushed once to the session ``registry`` as ``<host>/base/debian:bookworm``; returns that
+    reference, for ``FROM`` in tests whose own state starts empty."""
+    workdir = tmp_path_factory.mktemp("debian-push")
+    (workdir / "docker").mkdir()
+    cli = Imgci(state=workdir / "state", docker_config=workdir / "docker")
+    ref = import_debian(cli, debian_tar, f"{registry.host}/base/debian:bookworm")
+    cli.run("push", ref)
+    return ref
 
 
 def _session_registry(tmp_path_factory: pytest.TempPathFactory, **kwargs: object) -> Iterator[RegistryServer]:

@@ -377,36 +377,51 @@ def diff_native(root: Path, before: dict[str, Meta]) -> list[LayerEntry]:
 
 
 def diff_upper(upper: Path, lowers: list[Path], flavor: str) -> list[LayerEntry]:
-    """The layer an overlay upper directory holds; ``lowers`` top first (for unchanged copied-up directories)."""
+    """The layer an overlay upper directory holds; ``lowers`` top first.
+
+    As the native differ (and BuildKit's) writes it: an entry that was only copied up (same metadata and content as
+    below) is left out, and a directory that hides its lower contents (overlay's opaque directory) is written as the
+    directory plus a whiteout for each lower entry it no longer has — no opaque marker.
+    """
     changed: dict[str, LayerEntry] = {}
     stats: dict[str, os.stat_result] = {}
     key = opaque_xattr(flavor)
-    opaque_dirs: list[str] = []
+    hiding: set[str] = set()  # directories whose lower contents are hidden (opaque, or re-created inside one)
+    view = _LowerView(lowers)
     for path, st in _walk(upper):
         stats[path] = st
-        if any(path.startswith(o + "/") for o in opaque_dirs):
-            changed[path] = _entry(upper, path, st)
-            continue
+        parent = path.rpartition("/")[0]
         if is_whiteout(st):
             changed[path] = _whiteout(path)
             continue
-        if stat.S_ISDIR(st.st_mode):
-            try:
-                opaque = os.getxattr(upper / path, key, follow_symlinks=False) == b"y"
-            except OSError:
-                opaque = False
-            if opaque:
-                opaque_dirs.append(path)
-                changed[path] = _entry(upper, path, st, opaque=True)
-                continue
-            lower = _lower_lstat(lowers, path)
-            if lower is not None and stat.S_ISDIR(lower.st_mode) and _same_dir(upper / path, st, lower, lowers, path):
-                continue  # only copied up on the way to a change below it (or a removed mount stub)
+        found = view.lstat(path)
+        lower, source = found if found is not None else (None, None)
+        if stat.S_ISDIR(st.st_mode) and (
+            _xattr_is(upper / path, key) or (parent in hiding and lower is not None and stat.S_ISDIR(lower.st_mode))
+        ):
+            hiding.add(path)
+            changed[path] = _entry(upper, path, st)
+            present = set(os.listdir(upper / path))
+            for name in view.children(path):
+                if name not in present:
+                    child = f"{path}/{name}"
+                    changed[child] = _whiteout(child)
+            continue
+        if parent not in hiding and lower is not None and _same_meta(upper / path, st, lower, source):
+            continue  # only copied up: on the way to a change below it, opened for writing, a removed mount stub
         changed[path] = _entry(upper, path, st)
     return _finish(upper, changed, stats)
 
 
-def _same_dir(full: Path, st: os.stat_result, lower: os.stat_result, lowers: list[Path], path: str) -> bool:
+def _xattr_is(path: Path, key: str) -> bool:
+    try:
+        return os.getxattr(path, key, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def _same_meta(full: Path, st: os.stat_result, lower: os.stat_result, source: Path | None) -> bool:
+    """Whether an upper entry equals the lower one: type, mode, owner, mtime, size, xattrs, link target, content."""
     if (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) != (
         lower.st_mode,
         lower.st_uid,
@@ -414,33 +429,78 @@ def _same_dir(full: Path, st: os.stat_result, lower: os.stat_result, lowers: lis
         lower.st_mtime_ns,
     ):
         return False
-    for low in lowers:
-        if _lstat(low / path) is not None:
-            return _xattrs(full) == _xattrs(low / path)
+    if not stat.S_ISDIR(st.st_mode) and (st.st_size, st.st_rdev) != (lower.st_size, lower.st_rdev):
+        return False
+    if source is None or _xattrs(full) != _xattrs(source):
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        return os.readlink(full) == os.readlink(source)
+    if stat.S_ISREG(st.st_mode):
+        return _same_content(full, source)
     return True
 
 
-def _lower_lstat(lowers: list[Path], path: str) -> os.stat_result | None:
-    """What the merged lowers have at ``path`` (top first; a whiteout or an opaque parent ends the search)."""
-    parts = path.split("/")
-    for low in lowers:
-        st = _lstat(low / path)
-        if st is not None:
-            return None if is_whiteout(st) else st
-        hidden = False
-        for n in range(len(parts) - 1, 0, -1):
-            pst = _lstat(low / "/".join(parts[:n]))
-            if pst is None:
+def _same_content(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+class _LowerView:
+    """The merged lower directories of an overlay, looked up one directory at a time (cached)."""
+
+    def __init__(self, lowers: list[Path]) -> None:
+        self._dirs: dict[str, list[Path]] = {"": list(lowers)}
+
+    def dirs(self, path: str) -> list[Path]:
+        """The lower directories that make up merged directory ``path``, top first (empty: not a lower dir)."""
+        cached = self._dirs.get(path)
+        if cached is not None:
+            return cached
+        parent, _, name = path.rpartition("/")
+        out: list[Path] = []
+        for d in self.dirs(parent):
+            st = _lstat(d / name)
+            if st is None:
+                if _is_opaque(d):
+                    break
                 continue
-            if is_whiteout(pst) or not stat.S_ISDIR(pst.st_mode):
-                hidden = True
+            if not stat.S_ISDIR(st.st_mode):  # a whiteout or a file hides everything below
                 break
-            if _is_opaque(low / "/".join(parts[:n])):
-                hidden = True
+            out.append(d / name)
+            if _is_opaque(d / name):
                 break
-        if hidden:
-            return None
-    return None
+        self._dirs[path] = out
+        return out
+
+    def lstat(self, path: str) -> tuple[os.stat_result, Path] | None:
+        """What the merged lowers have at ``path`` and where, or None."""
+        parent, _, name = path.rpartition("/")
+        for d in self.dirs(parent):
+            st = _lstat(d / name)
+            if st is not None:
+                return None if is_whiteout(st) else (st, d / name)
+            if _is_opaque(d):
+                return None
+        return None
+
+    def children(self, path: str) -> set[str]:
+        names: set[str] = set()
+        hidden: set[str] = set()
+        for d in self.dirs(path):
+            with os.scandir(d) as it:
+                for entry in it:
+                    if entry.name in names or entry.name in hidden:
+                        continue
+                    if is_whiteout(entry.stat(follow_symlinks=False)):
+                        hidden.add(entry.name)
+                    else:
+                        names.add(entry.name)
+        return names
 
 
 def _is_opaque(path: Path) -> bool:
