@@ -161,7 +161,9 @@ class Sandbox:
                     pending += chunk
                     *lines, pending = pending.split(b"\n")
                     for raw in lines:
-                        line = redact(raw.decode("utf-8", "replace").rstrip("\r"))
+                        # progress redrawn with carriage returns: keep what the terminal would finally show
+                        parts = [p for p in raw.split(b"\r") if p]
+                        line = redact((parts[-1] if parts else b"").decode("utf-8", "replace"))
                         tail.append(line)
                         log(line)
                 if pending:
