@@ -89,7 +89,8 @@ class RunStep:
             view = ws.view(state, "the image")
             uid, gid, groups, home = resolve_run_user(view, state.user)
             args, pipe_file = self.command(state)
-            env = _process_env(state, self.arg_env(state.env_map()), home)
+            values = [f"{n}={v}" for n, v in self.args if v is not None]  # an ARG without a value is not set
+            env = _process_env(state, values, home)
             files = [(f"/dev/pipes/{pipe_file[0]}", pipe_file[1].encode().hex(), 0o755)] if pipe_file else []
             process = ProcessSpec(args=args, env=env, uid=uid, gid=gid, groups=groups, cwd=state.workdir, files=files)
             with contextlib.ExitStack() as stack:
@@ -308,9 +309,9 @@ def _cache_dir(state_dir: Path, cache_id: str, sharing: str, check: Callable[[],
 
 def resolve_run_user(view: SourceFS, user: str) -> tuple[int, int, list[int], str]:
     """(uid, gid, supplementary gids, home) for USER ``user`` in the image's own /etc/passwd and /etc/group, as
-    runc resolves it: a name must exist; a number need not (gid 0, home ``/``); an explicit group wins and then no
-    supplementary groups are added."""
-    name, _, group = (user or "root").partition(":")
+    BuildKit resolves it: a name must exist; a number need not (gid 0, home ``/``; no USER is uid 0, so an image
+    without /etc/passwd runs as root); an explicit group wins. No supplementary groups, as BuildKit."""
+    name, _, group = (user or "0").partition(":")
     passwd = _read_table(view, "etc/passwd")
     groups_table = _read_table(view, "etc/group")
     row = next((r for r in passwd if len(r) >= 6 and (r[0] == name or (name.isdigit() and r[2] == name))), None)
@@ -322,7 +323,6 @@ def resolve_run_user(view: SourceFS, user: str) -> tuple[int, int, list[int], st
         if not (row[2].isdigit() and row[3].isdigit()):
             raise BuildError(f"user {name!r} has a malformed entry in /etc/passwd")
         uid, gid, home, user_name = int(row[2]), int(row[3]), row[5] or "/", row[0]
-    supplementary: list[int] = []
     if group:
         if group.isdigit():
             gid = int(group)
@@ -331,13 +331,8 @@ def resolve_run_user(view: SourceFS, user: str) -> tuple[int, int, list[int], st
             if g is None or not g[2].isdigit():
                 raise BuildError(f"unable to find group {group}: no matching entries in group file")
             gid = int(g[2])
-    elif user_name:
-        for r in groups_table:
-            if len(r) >= 4 and r[2].isdigit() and user_name in r[3].split(","):
-                supplementary.append(int(r[2]))
-    if gid not in supplementary:
-        supplementary.insert(0, gid)
-    return uid, gid, supplementary, home
+    del user_name  # BuildKit (20.10's runc executor) sets no supplementary groups from /etc/group
+    return uid, gid, [], home
 
 
 def _read_table(view: SourceFS, path: str) -> list[list[str]]:

@@ -114,7 +114,7 @@ class Rootfs:
                 if stats is not None:
                     self.warnings += stats.warnings
                 below.insert(0, path)
-            self.lowers = below  # top first
+            self.lowers = _distinct(below)  # top first; overlayfs refuses a directory twice (an empty layer, say)
             self.upper, workdir, self.path = self.work / "upper", self.work / "work", self.work / "merged"
             for d in (self.upper, workdir, self.path):
                 d.mkdir()
@@ -220,6 +220,17 @@ class Rootfs:
                 pass
             finally:
                 os.close(fd)
+
+
+def _distinct(lowers: list[Path]) -> list[Path]:
+    """Each lower once, where it is topmost: a layer over the same layer again changes nothing."""
+    seen: set[Path] = set()
+    out = []
+    for low in lowers:
+        if low not in seen:
+            seen.add(low)
+            out.append(low)
+    return out
 
 
 def _open_dir_nofollow(root: Path, rel: str) -> int | None:
@@ -605,7 +616,7 @@ def _prepare_binds(spec: ChildSpec, rootfs: Rootfs) -> None:
                     Path(spec.snapshot_dir), layer, below, flavor=rootfs.flavor, unprivileged=spec.id_kind == "single"
                 )
                 below.insert(0, path)
-            lowers = below
+            lowers = _distinct(below)
         else:
             lowers = [Path(m.source)]
         for d in ("upper", "work", "merged"):

@@ -330,11 +330,7 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _hosts(hostname: str) -> str:
-    return (
-        f"127.0.0.1\tlocalhost {hostname}\n"
-        "::1\tlocalhost ip6-localhost ip6-loopback\n"
-        "fe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
-    )
+    return f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"  # as BuildKit writes it
 
 
 def _resolv() -> str:

@@ -235,10 +235,13 @@ class Meta:
     ctime_ns: int
     ino: int
     rdev: int
+    nlink: int
 
 
 def _meta(st: os.stat_result) -> Meta:
-    return Meta(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_rdev)
+    return Meta(
+        st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_rdev, st.st_nlink
+    )
 
 
 def _walk(root: Path) -> Iterable[tuple[str, os.stat_result]]:
@@ -271,7 +274,12 @@ def _same(a: Meta, b: Meta) -> bool:
         return False
     if stat.S_ISDIR(a.mode):
         return True  # a directory's children are compared on their own; its ctime moves with them
-    return (a.size, a.ino, a.ctime_ns, a.rdev) == (b.size, b.ino, b.ctime_ns, b.rdev)
+    if (a.size, a.ino, a.rdev, a.nlink) != (b.size, b.ino, b.rdev, b.nlink):
+        return False
+    # A changed ctime with everything else equal: chown/chmod to the same values (unchanged), or content rewritten
+    # with the old size and mtime restored. A sub-second mtime tells them apart (a rewrite would have to restore
+    # it to the nanosecond); a whole-second mtime (every file from a tar layer) cannot, so that counts as changed.
+    return a.ctime_ns == b.ctime_ns or a.mtime_ns % 1_000_000_000 != 0
 
 
 def _type(st: os.stat_result | Meta) -> EntryType:
@@ -429,8 +437,8 @@ def _same_meta(full: Path, st: os.stat_result, lower: os.stat_result, source: Pa
         lower.st_mtime_ns,
     ):
         return False
-    if not stat.S_ISDIR(st.st_mode) and (st.st_size, st.st_rdev) != (lower.st_size, lower.st_rdev):
-        return False
+    if not stat.S_ISDIR(st.st_mode) and (st.st_size, st.st_rdev, st.st_nlink) != (lower.st_size, lower.st_rdev, 1):
+        return False  # (a copied-up file has one link; more means the RUN linked it)
     if source is None or _xattrs(full) != _xattrs(source):
         return False
     if stat.S_ISLNK(st.st_mode):
