@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from tests.infra.rootfs import GROUP, PASSWD, make_busybox_rootfs_tar
+from tests.infra.rootfs import GROUP, PASSWD, make_busybox_rootfs_tar, make_tar
 
 HERE = Path(__file__).resolve().parent
 CASES_DIR = HERE / "cases"
@@ -64,9 +64,33 @@ BASE_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/b
 BASE_CHANGES = (f"ENV {BASE_PATH_ENV}", 'CMD ["sh"]')
 
 
+#: directories the base has besides tests/infra's minimal rootfs, as the busybox image on Docker Hub does (0555
+#: like Debian's): without ``/sys`` the reference's runtime creates it as a mount point in the first RUN layer
+#: of every case (``run_mountpoints`` checks that on a bare root file system instead)
+BASE_EXTRA_DIRS = {"sys": 0o555}
+
+
 def make_base_rootfs(path: str | Path) -> Path:
-    """The busybox root file system every case builds on (``ARG BASE`` / ``FROM $BASE``)."""
-    return make_busybox_rootfs_tar(path, extra_files={"etc/passwd": BASE_PASSWD, "etc/group": BASE_GROUP})
+    """The busybox root file system every case builds on (``ARG BASE`` / ``FROM $BASE``): tests/infra's
+    busybox rootfs with :data:`BASE_PASSWD`, :data:`BASE_GROUP` and :data:`BASE_EXTRA_DIRS`, members sorted
+    by name, byte-for-byte reproducible."""
+    target = make_busybox_rootfs_tar(path, extra_files={"etc/passwd": BASE_PASSWD, "etc/group": BASE_GROUP})
+    members: list[tuple[tarfile.TarInfo, bytes]] = []
+    with tarfile.open(target) as tar:
+        mtime = 0
+        for ti in tar:
+            f = tar.extractfile(ti) if ti.isfile() else None
+            members.append((ti, f.read() if f is not None else b""))
+            mtime = max(mtime, int(ti.mtime))
+    names = {ti.name.rstrip("/") for ti, _ in members}
+    for name, mode in BASE_EXTRA_DIRS.items():
+        if name not in names:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, mode, mtime
+            info.uname = info.gname = "root"
+            members.append((info, b""))
+    members.sort(key=lambda m: m[0].name.rstrip("/"))
+    return make_tar(target, members)
 
 
 # -- cases ---------------------------------------------------------------------------------------------------------
@@ -102,6 +126,19 @@ class Case:
     def http(self) -> dict[str, Any] | None:
         """Files to serve on 127.0.0.1 during the build; the URL is passed as build arg ``http["arg"]``."""
         return self.spec.get("http")
+
+    @property
+    def reference_dockerfile(self) -> Path:
+        """What a reference builder builds: ``case.json``'s ``reference_dockerfile`` (an equivalent Dockerfile
+        for syntax the references here cannot parse, e.g. RUN here-documents), else :attr:`dockerfile`."""
+        name = self.spec.get("reference_dockerfile")
+        return self.dir / name if name else self.dockerfile
+
+    @property
+    def reference_history(self) -> dict[int, str]:
+        """``created_by`` strings that replace a reference build's (by index into the build's history entries)
+        when it built :attr:`reference_dockerfile` instead of the case's own Dockerfile."""
+        return {int(k): str(v) for k, v in self.spec.get("reference_history", {}).items()}
 
     @property
     def manual(self) -> str | None:
@@ -502,11 +539,45 @@ class _FS:
 
     def __init__(self, entries: Mapping[str, dict[str, Any]] | None = None) -> None:
         self.entries: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (entries or {}).items()}
+        # "_ino" (never compared or written out): which entries are one file. A hardlink shares its target's;
+        # anything else written by a layer is a new file, which leaves the hardlink group it replaced
+        self._inodes = 0
+        by_group: dict[str, int] = {}
+        for e in self.entries.values():
+            group = e.get("hardlink_group")
+            e["_ino"] = by_group.setdefault(group, self._new_ino()) if group else self._new_ino()
+
+    def _new_ino(self) -> int:
+        self._inodes += 1
+        return self._inodes
+
+    def _name_groups(self) -> None:
+        """Every file sharing its ``_ino`` with others is named after the smallest path of them."""
+        members: dict[int, list[str]] = {}
+        for p, e in self.entries.items():
+            if e["type"] == "file":
+                members.setdefault(e["_ino"], []).append(p)
+        for ps in members.values():
+            for p in ps:
+                if len(ps) > 1:
+                    self.entries[p]["hardlink_group"] = min(ps)
+                else:
+                    self.entries[p].pop("hardlink_group", None)
 
     def _remove_tree(self, path: str) -> None:
         prefix = path + "/"
         for p in [p for p in self.entries if p == path or p.startswith(prefix)]:
             del self.entries[p]
+
+    def apply_layer(self, layer: list[dict[str, Any]]) -> dict[str, Any]:
+        """Apply one layer; returns ``{"entries": [...]}`` as :meth:`apply` gives them, plus ``removed`` (every
+        path that existed below and is gone after it, sorted) when the layer has whiteouts: what they *do*,
+        whichever form they take (an opaque directory or one whiteout per removed entry)."""
+        before = set(self.entries)
+        out: dict[str, Any] = {"entries": self.apply(layer)}
+        if any(e["type"] in ("whiteout", "opaque") for e in layer):
+            out["removed"] = sorted(before - set(self.entries))
+        return out
 
     def apply(self, layer: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Apply one layer; returns its entries, each marked ``restates`` when it changes nothing but mtime."""
@@ -519,7 +590,6 @@ class _FS:
                 prefix = e["path"] + "/" if e["path"] else ""
                 for p in [p for p in self.entries if p.startswith(prefix) and p not in added]:
                     del self.entries[p]
-        groups: dict[str, str] = {}
         out = []
         for e in layer:
             if e["type"] in ("whiteout", "opaque"):
@@ -532,29 +602,23 @@ class _FS:
             if e["type"] == "hardlink":
                 target = self.entries.get(e["linkname"])
                 new = dict(target) if target else {"type": "file", "mode": "0000", "uid": 0, "gid": 0}
+                new.setdefault("_ino", self._new_ino())
                 new.update(path=path, mtime=e.get("mtime", new.get("mtime")))
-                root = groups.get(e["linkname"], e["linkname"])
-                groups[path] = root
-                groups.setdefault(e["linkname"], root)
             else:
-                new = dict(e)
+                new = {**e, "_ino": self._new_ino()}
+                new.pop("hardlink_group", None)
             self.entries[path] = new
             rec = dict(e)
             if e["type"] == "dir" and before.get(path) == _strip(e):
                 rec["restates"] = True
             out.append(rec)
-        # hardlink groups: every member named after the smallest path of its group
-        members: dict[str, list[str]] = {}
-        for p, root in groups.items():
-            members.setdefault(root, []).append(p)
-        for ps in members.values():
-            name = min(ps)
-            for p in ps:
-                if p in self.entries:
-                    self.entries[p]["hardlink_group"] = name
-            for rec in out:
-                if rec.get("path") in ps and rec["type"] in ("file", "hardlink"):
-                    rec["hardlink_group"] = name
+        # hardlink groups: every member named after the smallest path of its group (in the layer record too)
+        self._name_groups()
+        for rec in out:
+            if rec["type"] in ("file", "hardlink"):
+                group = self.entries.get(rec["path"], {}).get("hardlink_group")
+                if group is not None:
+                    rec["hardlink_group"] = group
         return out
 
     def tidy_groups(self) -> None:
@@ -670,7 +734,7 @@ def result_from_layers(
     """The normalised result from layer entry lists (as :func:`read_layer` gives them) applied on ``base``:
     what :func:`normalise_archive` returns; also used to write expectations by hand."""
     fs = _FS(base.listing)
-    applied = [{"entries": fs.apply(entries)} for entries in layers]
+    applied = [fs.apply_layer(entries) for entries in layers]
     fs.tidy_groups()
     delta = []
     for p in sorted(fs.entries):
@@ -726,6 +790,10 @@ DEFAULT_IGNORES: dict[str, str] = {
     "layers.restates": "a layer entry for a directory whose type/mode/owner equal what is below it (BuildKit "
     "lists the parent directories of what it copied) changes nothing but an mtime: builders may or may not "
     "write such entries",
+    "layers.whiteouts": "whiteouts are compared by what they remove (each layer's 'removed': the paths below it "
+    "that are gone after it), not by their form: a directory deleted and recreated in one RUN is an opaque "
+    "directory from an overlay differ (BuildKit on overlay2) and one whiteout per removed child from a naive "
+    "differ (buildah/vfs, BuildKit on vfs); both are OCI and give the same file system",
 }
 #: Further ignores for comparing two reference builders with each other (BuildKit vs buildah).
 BUILDER_IGNORES: dict[str, str] = {
@@ -815,6 +883,12 @@ def compare(
     elif "layers" not in ign:
         for i, (e, a) in enumerate(zip(el, al, strict=True)):
             diffs += _layer_diff(f"layers[{i}]", e["entries"], a["entries"], ign)
+            if "layers.whiteouts" in ign and e.get("removed", []) != a.get("removed", []):
+                er, ar = set(e.get("removed", [])), set(a.get("removed", []))
+                diffs.append(
+                    f"layers[{i}]: removed paths differ: not removed {_fmt(sorted(er - ar))}, "
+                    f"removed unexpectedly {_fmt(sorted(ar - er))}"
+                )
 
     # delta
     ed, ad = expected.get("delta", {}), actual.get("delta", {})
@@ -850,6 +924,8 @@ def _layer_diff(where: str, exp: list[dict[str, Any]], act: list[dict[str, Any]]
         for e in entries:
             if e.get("restates") and "layers.restates" in ign:
                 continue
+            if e["type"] in ("whiteout", "opaque") and "layers.whiteouts" in ign:
+                continue  # compared through the layer's "removed" instead (see compare)
             out[key(e)] = e
         return out
 

@@ -161,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
                 doc[other.name] = {"agrees": not diffs, "differences": diffs}
                 if args.verbose and diffs:
                     print(f"{name}: {other.name} differs:\n  " + "\n  ".join(diffs), file=sys.stderr)
+        if case.spec.get("derived"):
+            doc["derived"] = case.spec["derived"]
         if case.spec.get("ignore"):
             doc["ignore"] = case.spec["ignore"]
         doc.update({k: main.result[k] for k in RESULT_KEYS})

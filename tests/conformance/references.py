@@ -332,10 +332,16 @@ def build_case(session: Session, case: Case) -> Built:
             args[case.http.get("arg", "HTTP")] = server.url
             subs[server.url] = "{HTTP}"
         started = time.time()
-        proc = session.builder.build(case.dockerfile, ctx, tag, args, case.target)
+        is_reference = isinstance(session.builder, Reference)
+        dockerfile = case.reference_dockerfile if is_reference else case.dockerfile
+        proc = session.builder.build(dockerfile, ctx, tag, args, case.target)
     archive = work / "image.tar"
     session.builder.save(tag, archive)
     result = normalise_archive(archive, session.base_for(case), build_started=started, substitutions=subs)
+    if is_reference:
+        # the equivalent Dockerfile's commands differ from the case's: the history says what the case's would
+        for i, created_by in case.reference_history.items():
+            result["history"][i]["created_by"] = created_by
     built = Built(tag, archive, result, (proc.stdout or "") + (proc.stderr or ""))
     session.built[case.name] = built
     return built

@@ -144,9 +144,9 @@ class Rootfs:
         self.stubs: list[tuple[str, bool]] = []  # (path, is_dir) created as mount points, in creation order
         self.parent_times: dict[str, tuple[int, int]] = {}
 
-    def stub(self, target: str, is_dir: bool) -> str:
+    def stub(self, target: str, is_dir: bool, keep: bool = False) -> str:
         """Make sure mount point ``target`` exists (created inside the root, never through a symlink out); returns
-        where it is, relative to the root."""
+        where it is, relative to the root. Unless ``keep``, what it created is removed by :meth:`remove_stubs`."""
         from imgci.rootdir import RootDir
 
         parts = [p for p in target.split("/") if p]
@@ -175,7 +175,7 @@ class Rootfs:
                 os.close(fd)
         finally:
             root.close()
-        for path in created:
+        for path in created if not keep else []:
             self.stubs.append((path, os.path.isdir(self.path / path) and not os.path.islink(self.path / path)))
         return rel
 
@@ -251,14 +251,16 @@ def _open_dir_nofollow(root: Path, rel: str) -> int | None:
     return fd
 
 
-def _mount_points(spec: ChildSpec) -> list[tuple[str, bool]]:
-    """Every mount point P needs, as (path, is_dir)."""
-    points = [("/proc", True), ("/dev", True), ("/sys", True), ("/etc/hosts", False), ("/etc/resolv.conf", False)]
+def _mount_points(spec: ChildSpec) -> list[tuple[str, bool, bool]]:
+    """Every mount point P needs, as (path, is_dir, keep). As current BuildKit does, /proc, /dev and /sys stay in
+    the layer when the image lacked them; /etc/hosts, /etc/resolv.conf and ``--mount`` targets do not."""
+    points = [("/proc", True, True), ("/dev", True, True), ("/sys", True, True)]
+    points += [("/etc/hosts", False, False), ("/etc/resolv.conf", False, False)]
     for m in spec.mounts:
         if m.kind == "secret" and not m.target:
             continue
         is_dir = m.kind in ("cache", "tmpfs") or (m.kind == "bind" and _bind_source_is_dir(m))
-        points.append((m.target, is_dir))
+        points.append((m.target, is_dir, False))
     return points
 
 
@@ -519,8 +521,8 @@ def run(spec: ChildSpec) -> int:
         _prepare_binds(spec, rootfs)
         placements = None
         if can_mount:
-            for target, is_dir in _mount_points(spec):
-                rootfs.stub(target, is_dir)
+            for target, is_dir, keep in _mount_points(spec):
+                rootfs.stub(target, is_dir, keep)
         else:
             from imgci.build.sandbox.nomount import place_all
 

@@ -53,7 +53,7 @@ class Placements:
         self._record(rel, "file")
 
     def devices(self) -> None:
-        prel = self.rootfs.stub("/dev", True)
+        prel = self.rootfs.stub("/dev", True, keep=True)
         for name in _DEVICES:
             rel = f"{prel}/{name}"
             host = Path("/dev") / name
@@ -135,7 +135,8 @@ def place_all(spec: ChildSpec, rootfs: Any, warnings: list[str]) -> Placements:
     """Stand in for every mount of ``spec`` (see the module contract)."""
     assert spec.process is not None
     p = Placements(rootfs, warnings)
-    rootfs.stub("/proc", True)
+    rootfs.stub("/proc", True, keep=True)
+    rootfs.stub("/sys", True, keep=True)
     warnings.append("no mount permission: RUN gets an empty /proc (grant CAP_SYS_ADMIN for a real one)")
     p.devices()
     p.file("/etc/hosts", spec.hosts.encode(), 0o644)
