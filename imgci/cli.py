@@ -12,7 +12,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -544,6 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
+    if threading.current_thread() is threading.main_thread():
+        # A CI job cancelled with SIGTERM stops like Ctrl-C: running steps are killed and cleaned up.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return handler(args)
     except UsageError as e:
@@ -567,6 +572,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # e.g. `imgci save img | head`: the reader went away; not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

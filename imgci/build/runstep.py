@@ -57,6 +57,11 @@ class RunStep:
             if n in self.source_identity:
                 d["from"] = self.source_identity[n]
             mounts.append(d)
+        for n, m in enumerate(i.mount_options):
+            if m.get("type", "bind") == "bind" and n not in self.source_identity and ws.context is not None:
+                from imgci.build.copyplan import source_digest
+
+                mounts[n]["context"] = source_digest([m.get("source", "").strip("/") or "."], src_fs=ws.context)
         return {
             "instruction": i.original,
             "args": self.arg_env(state.env_map()),
@@ -220,7 +225,11 @@ class RunStep:
             if context is None or getattr(context, "root", None) is None:
                 raise BuildError("RUN --mount=type=bind needs a build context directory")
             rel = _resolve_in(context, source)
-            return MountSpec(kind="bind", target=target, source=str(context.root), subpath=rel, readonly=readonly)
+            if getattr(context, "ignore", None) is not None:  # BuildKit mounts the context as .dockerignore filters it
+                tree = _filtered_copy(context, rel, Path(ws.scratch))
+                return MountSpec(kind="bind", target=target, source=str(tree), readonly=readonly)
+            root = os.path.abspath(context.root)
+            return MountSpec(kind="bind", target=target, source=root, subpath=rel, readonly=readonly)
         src_state: ImageState = ws.states[key]
         view = ws.view(src_state, key)
         rel = _resolve_in(view, source)
@@ -231,6 +240,35 @@ class RunStep:
             subpath=rel,
             readonly=readonly,
         )
+
+
+def _filtered_copy(context: Any, rel: str, scratch: Path) -> Path:
+    """The context below ``rel`` without what .dockerignore excludes, as a directory the sandbox can bind
+    (hardlinks where the file system allows, else copies)."""
+    import shutil
+    import tempfile
+
+    from imgci.build.fs import walk
+
+    out = Path(tempfile.mkdtemp(prefix="ctx-", dir=scratch))
+    root = Path(os.path.abspath(context.root))
+    base = root / rel if rel else root
+    prefix = f"{rel}/" if rel else ""
+    for info in walk(context, rel):
+        dest = out / info.path[len(prefix) :]
+        src = root / info.path
+        if info.type == "dir":
+            dest.mkdir()
+            shutil.copystat(src, dest, follow_symlinks=False)
+        elif info.type == "symlink":
+            os.symlink(info.linkname, dest)
+        else:
+            try:
+                os.link(src, dest, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(src, dest, follow_symlinks=False)
+    del base
+    return out
 
 
 def _resolve_in(fs: SourceFS, source: str) -> str:

@@ -28,8 +28,9 @@ import socket
 import stat
 import struct
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from imgci.build.sandbox import libc
 from imgci.build.sandbox.spec import ChildSpec, MountSpec, ProcessSpec, event
@@ -104,6 +105,7 @@ class Rootfs:
         unprivileged = spec.id_kind == "single"
         self.warnings: list[str] = []
         self.lowers: list[Path] = []
+        self.crcs: dict[str, int] = {}
         if spec.backend == "overlay":
             snaps = Path(spec.snapshot_dir)
             below: list[Path] = []
@@ -137,7 +139,7 @@ class Rootfs:
         else:
             self.path = self.work / "rootfs"
             self.path.mkdir()
-            stats = snapshots.materialise(self.path, spec.layers, unprivileged=unprivileged)
+            stats, self.crcs = snapshots.materialise(self.path, spec.layers, unprivileged=unprivileged)
             self.warnings += stats.warnings
             if can_mount:
                 libc.mount(str(self.path), str(self.path), None, libc.MS_BIND | libc.MS_REC)
@@ -180,7 +182,7 @@ class Rootfs:
         return rel
 
     def _remember_parents(self, root: Any, parts: list[str]) -> None:
-        for n in range(len(parts)):
+        for n in range(len(parts) + 1):  # the target itself too: placements add files into existing directories
             rel = "/".join(parts[:n])
             if rel in self.parent_times:
                 continue
@@ -535,7 +537,8 @@ def run(spec: ChildSpec) -> int:
             libc.unshare(libc.CLONE_NEWPID)
             pid_ns = True
         except OSError:
-            _report("warning", message="no pid namespace: processes the RUN leaves behind are killed by group")
+            with contextlib.suppress(OSError):
+                libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
         pid = os.fork()
         if pid == 0:
             if not pid_ns:
@@ -558,7 +561,7 @@ def run(spec: ChildSpec) -> int:
         else:
             if can_mount:
                 libc.umount(str(rootfs.path), libc.MNT_DETACH)
-            entries = snapshots.diff_native(rootfs.path, before)
+            entries = snapshots.diff_native(rootfs.path, before, rootfs.crcs)
             top = rootfs.path
         sink = _HashFd(spec.tar_fd)
         writer = write_tar(plan_entries(entries, spec.epoch), sink)
@@ -655,25 +658,67 @@ def _ensure_workdir(root: Path, cwd: str) -> None:
 
 
 def _wait(pid: int, pid_ns: bool) -> int:
-    def forward(signum: int, frame: object) -> None:
+    """Wait for P; kill it when told to or when the build process goes away (EOF on stdin). Without a pid
+    namespace, S is a subreaper and kills every process the step left behind, daemons included. (No threads:
+    after unshare(CLONE_NEWPID) this process cannot start one.)"""
+    import select
+
+    def kill() -> None:
         with contextlib.suppress(OSError):
             if pid_ns:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)  # pid 1 of its namespace: everything in it dies too
             else:
                 os.killpg(pid, signal.SIGKILL)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, lambda signum, frame: kill())
+    signal.signal(signal.SIGINT, lambda signum, frame: kill())
+    stdin = sys.stdin.fileno()
+    watching = True
     while True:
         try:
-            _, status = os.waitpid(pid, 0)
-            break
+            done, status = os.waitpid(pid, os.WNOHANG)
         except InterruptedError:
             continue
+        if done:
+            break
+        if not watching:
+            time.sleep(0.05)
+            continue
+        try:
+            readable, _, _ = select.select([stdin], [], [], 0.05)
+            if readable and not os.read(stdin, 4096):
+                kill()  # the build process is gone
+                watching = False
+        except (OSError, ValueError):
+            watching = False
     if not pid_ns:
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
+        _reap_descendants()
     return status
+
+
+def _reap_descendants() -> None:
+    """Kill and reap every process re-parented to this subreaper (what a RUN left running)."""
+    me = os.getpid()
+    for _ in range(100):
+        children = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me:
+                children.append(int(entry))
+        if not children:
+            return
+        for child in children:
+            with contextlib.suppress(OSError):
+                os.kill(child, signal.SIGKILL)
+        for child in children:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(child, 0)
 
 
 def remove(spec: ChildSpec) -> int:
@@ -686,7 +731,7 @@ def remove(spec: ChildSpec) -> int:
     return 0
 
 
-def main() -> int:
+def main() -> NoReturn:
     line = sys.stdin.readline()
     try:
         spec = ChildSpec.loads(line)
@@ -695,4 +740,4 @@ def main() -> int:
         _report("error", message=str(e))
         code = 1
     _report("done")
-    return code
+    os._exit(code)  # nothing to tear down: skip the interpreter's shutdown (~10 ms a step)

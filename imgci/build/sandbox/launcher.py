@@ -72,11 +72,14 @@ class _Redactor:
     def __init__(self, values: list[bytes]) -> None:
         words: set[str] = set()
         for v in values:
-            if len(v) < 4:
-                continue
-            words.add(v.decode("utf-8", "replace"))
-            words.add(base64.b64encode(v).decode())
-            words.add(base64.b64encode(v).decode().rstrip("="))
+            # the value, without its final newline, each of its lines (a PEM key), and their base64 forms
+            forms = {v, v.rstrip(b"\r\n"), *(line.strip() for line in v.splitlines())}
+            for form in forms:
+                if len(form) < 4:
+                    continue
+                words.add(form.decode("utf-8", "replace"))
+                words.add(base64.b64encode(form).decode())
+                words.add(base64.b64encode(form).decode().rstrip("="))
         self.words = sorted(words, key=len, reverse=True)
 
     def __call__(self, line: str) -> str:
@@ -90,7 +93,7 @@ class Sandbox:
     """Runs RUN steps for one build. ``choice`` is :class:`imgci.build.sandbox.probe.Choice`."""
 
     def __init__(self, state_dir: Path, choice: Any, layer_store: Any, *, on_warning: Callable[[str], None]) -> None:
-        self.state_dir = Path(state_dir)
+        self.state_dir = Path(os.path.abspath(state_dir))  # the child runs in "/": every path it gets is absolute
         self.choice = choice
         self.layers = layer_store
         self.on_warning = on_warning
@@ -126,6 +129,11 @@ class Sandbox:
     ) -> RunOutcome:
         work = self.tmp / f"run-{os.getpid()}-{secrets.token_hex(6)}"
         work.mkdir()
+        for ref in [*req.layers, *(r for m in req.mounts for r in m.layers)]:
+            ref.blob = os.path.abspath(ref.blob)
+        for m in req.mounts:
+            if m.source:
+                m.source = os.path.abspath(m.source)
         spec = self._spec(
             action="run",
             work_dir=str(work),

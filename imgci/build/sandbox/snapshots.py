@@ -21,9 +21,11 @@ import os
 import secrets
 import shutil
 import stat
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imgci.build.fs import EntryType, FileInfo, LayerEntry
 from imgci.build.sandbox.spec import LayerRef
@@ -191,16 +193,52 @@ def ensure_snapshot(
     return final, applier.stats
 
 
-def materialise(rootfs: Path, layers: list[LayerRef], *, unprivileged: bool = False) -> ApplyStats:
-    """Apply ``layers`` (bottom first) onto the empty directory ``rootfs``."""
-    applier = _Applier(rootfs, unprivileged)
+class _CrcReader:
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+        self.crc = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        data: bytes = self.reader.read(n)
+        self.crc = zlib.crc32(data, self.crc)
+        return data
+
+
+class _ChecksummingApplier(_Applier):
+    """Applies layers and remembers a CRC-32 of every regular file's content, by path."""
+
+    def __init__(self, target: Path, unprivileged: bool) -> None:
+        super().__init__(target, unprivileged)
+        self.crcs: dict[str, int] = {}
+        self._crc: int | None = None
+
+    def _file(self, e: TarEntry, reader: Any, pfd: int, base: str) -> None:
+        wrapped = _CrcReader(reader)
+        super()._file(e, wrapped, pfd, base)  # type: ignore[arg-type]  # read() is all _file uses
+        self._crc = wrapped.crc
+
+    def _added(self, key: str, e: TarEntry) -> None:
+        super()._added(key, e)
+        if self._crc is not None and e.is_file:
+            self.crcs[key] = self._crc
+        else:
+            self.crcs.pop(key, None)
+        self._crc = None
+
+
+def materialise(
+    rootfs: Path, layers: list[LayerRef], *, unprivileged: bool = False
+) -> tuple[ApplyStats, dict[str, int]]:
+    """Apply ``layers`` (bottom first) onto the empty directory ``rootfs``; returns the stats and a CRC-32 of every
+    regular file's content by path (for :func:`diff_native`)."""
+    applier = _ChecksummingApplier(rootfs, unprivileged)
     try:
         for layer in layers:
             _apply_blob(applier, layer)
         applier.finish()
     finally:
         applier.close()
-    return applier.stats
+    return applier.stats, applier.crcs
 
 
 def remove_tree(path: Path) -> None:
@@ -236,11 +274,22 @@ class Meta:
     ino: int
     rdev: int
     nlink: int
+    link: str = ""  # a symlink's target
 
 
-def _meta(st: os.stat_result) -> Meta:
+def _meta(st: os.stat_result, path: Path | None = None) -> Meta:
+    link = os.readlink(path) if path is not None and stat.S_ISLNK(st.st_mode) else ""
     return Meta(
-        st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_rdev, st.st_nlink
+        st.st_mode,
+        st.st_uid,
+        st.st_gid,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_ino,
+        st.st_rdev,
+        st.st_nlink,
+        link,
     )
 
 
@@ -264,22 +313,35 @@ def _walk(root: Path) -> Iterable[tuple[str, os.stat_result]]:
 
 
 def scan(root: Path) -> dict[str, Meta]:
-    return {path: _meta(st) for path, st in _walk(root)}
+    return {path: _meta(st, root / path) for path, st in _walk(root)}
 
 
-def _same(a: Meta, b: Meta) -> bool:
-    if stat.S_IFMT(a.mode) != stat.S_IFMT(b.mode):
-        return False
+def _same(a: Meta, b: Meta, full: Path, crc: int | None) -> bool:
+    """Whether entry ``full`` (now ``b``) is unchanged since ``a``; ``crc``: its content's CRC-32 back then."""
     if (a.mode, a.uid, a.gid, a.mtime_ns) != (b.mode, b.uid, b.gid, b.mtime_ns):
         return False
     if stat.S_ISDIR(a.mode):
         return True  # a directory's children are compared on their own; its ctime moves with them
-    if (a.size, a.ino, a.rdev, a.nlink) != (b.size, b.ino, b.rdev, b.nlink):
+    if (a.size, a.ino, a.rdev, a.nlink, a.link) != (b.size, b.ino, b.rdev, b.nlink, b.link):
         return False
-    # A changed ctime with everything else equal: chown/chmod to the same values (unchanged), or content rewritten
-    # with the old size and mtime restored. A sub-second mtime tells them apart (a rewrite would have to restore
-    # it to the nanosecond); a whole-second mtime (every file from a tar layer) cannot, so that counts as changed.
-    return a.ctime_ns == b.ctime_ns or a.mtime_ns % 1_000_000_000 != 0
+    if a.ctime_ns == b.ctime_ns:
+        return True
+    # The inode changed but its metadata is as before: chown/chmod to the same values (unchanged, as BuildKit's
+    # differ sees it), or content rewritten with the old size and mtime restored. The content tells them apart.
+    if stat.S_ISREG(a.mode) and crc is not None:
+        return _crc_of(full) == crc
+    return not stat.S_ISREG(a.mode)
+
+
+def _crc_of(path: Path) -> int | None:
+    crc = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                crc = zlib.crc32(chunk, crc)
+    except OSError:
+        return None
+    return crc
 
 
 def _type(st: os.stat_result | Meta) -> EntryType:
@@ -363,8 +425,9 @@ def _whiteout(path: str) -> LayerEntry:
     return LayerEntry(FileInfo(path, "file", 0), whiteout=True)
 
 
-def diff_native(root: Path, before: dict[str, Meta]) -> list[LayerEntry]:
-    """The changes of ``root`` since ``before`` (a :func:`scan` of it)."""
+def diff_native(root: Path, before: dict[str, Meta], crcs: dict[str, int] | None = None) -> list[LayerEntry]:
+    """The changes of ``root`` since ``before`` (a :func:`scan` of it; ``crcs`` from :func:`materialise`)."""
+    crcs = crcs or {}
     changed: dict[str, LayerEntry] = {}
     stats: dict[str, os.stat_result] = {}
     seen: set[str] = set()
@@ -372,7 +435,7 @@ def diff_native(root: Path, before: dict[str, Meta]) -> list[LayerEntry]:
         stats[path] = st
         seen.add(path)
         old = before.get(path)
-        if old is None or not _same(old, _meta(st)):
+        if old is None or not _same(old, _meta(st, root / path), root / path, crcs.get(path)):
             changed[path] = _entry(root, path, st)
     for path in before:
         if path in seen:
