@@ -217,8 +217,10 @@ class Builder:
                 if not made:
                     from imgci.build.sandbox.launcher import Sandbox
                     from imgci.build.sandbox.probe import choose
+                    from imgci.build.sandbox.probecache import probes_for_build
 
-                    choice = choose(req.isolation, req.backend, scratch=self._tmp_root())
+                    probes = probes_for_build(self.store.root, self._tmp_root())
+                    choice = choose(req.isolation, req.backend, probes=probes)
                     for reason in choice.reasons:
                         self.on_note(f"sandbox: {reason}")
                     for warning in choice.warnings:

@@ -218,6 +218,9 @@ class Sandbox:
             self.on_warning(w)
         errors = [e["message"] for e in events if e["event"] == "error"]
         if errors:
+            from imgci.build.sandbox.probecache import forget
+
+            forget(self.state_dir)  # what the probes promised did not hold: probe again next time
             raise BuildError(f"the sandbox could not run {req.description or 'the step'}: {errors[0]}")
         exits = [e["code"] for e in events if e["event"] == "exit"]
         if not exits:
