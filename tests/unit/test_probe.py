@@ -360,5 +360,7 @@ def test_doctor_forced_overlay_failure_marks_overlay_fail() -> None:
 
 
 def test_child_usage() -> None:
-    assert probe.child_main([]) == 2
-    assert probe.child_main(["--child", "nonsense", "/tmp"]) == 2
+    from imgci.build.sandbox import probe_child
+
+    assert probe_child.child_main([]) == 2
+    assert probe_child.child_main(["--child", "nonsense", "/tmp"]) == 2
