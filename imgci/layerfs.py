@@ -83,6 +83,15 @@ class ApplyStats:
             self.warnings.append("(further warnings not recorded)")
 
 
+def whiteout_victim(e: TarEntry, base: str) -> str:
+    """The name a whiteout entry (last component ``base``) deletes, ``""`` for an opaque marker; UnsafeArchiveError
+    for a whiteout of ``.``, ``..`` or the root."""
+    victim = "" if base == OPAQUE_WHITEOUT else base[len(WHITEOUT_PREFIX) :]
+    if base != OPAQUE_WHITEOUT and victim in ("", ".", ".."):
+        raise UnsafeArchiveError(f"{e.name!r}: whiteout of {victim or 'the root'!r} is not allowed")
+    return victim
+
+
 class _Applier:
     """Applies layers to one root; shared across the layers of an image so directory metadata is set once."""
 
@@ -277,9 +286,7 @@ class _Applier:
 
     def _whiteout(self, e: TarEntry, parts: list[str]) -> None:
         base = parts[-1]
-        victim = "" if base == OPAQUE_WHITEOUT else base[len(WHITEOUT_PREFIX) :]
-        if base != OPAQUE_WHITEOUT and victim in ("", ".", ".."):
-            raise UnsafeArchiveError(f"{e.name!r}: whiteout of {victim or 'the root'!r} is not allowed")
+        victim = whiteout_victim(e, base)
         self.stats.whiteouts += 1
         opened = self.root.walk(parts[:-1], create=False, follow=True, entry=e.name)
         if opened is None:
@@ -363,9 +370,7 @@ class LayerDirApplier(_Applier):
 
     def _whiteout(self, e: TarEntry, parts: list[str]) -> None:
         base = parts[-1]
-        victim = "" if base == OPAQUE_WHITEOUT else base[len(WHITEOUT_PREFIX) :]
-        if base != OPAQUE_WHITEOUT and victim in ("", ".", ".."):
-            raise UnsafeArchiveError(f"{e.name!r}: whiteout of {victim or 'the root'!r} is not allowed")
+        victim = whiteout_victim(e, base)
         opened = self.root.walk(parts[:-1], create=True, follow=True, entry=e.name)
         assert opened is not None
         fd, names = opened

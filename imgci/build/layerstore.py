@@ -265,15 +265,30 @@ class LayerStore:
         level: int | None = None,
     ) -> tuple[LayerResult, Path]:
         """:func:`imgci.build.layer.write_layer`, unpacking the layer in the same pass; returns its layer dir too."""
+        epoch = source_date_epoch
+        return self._write_unpacking(
+            lambda pipe: write_layer(
+                self.store, entries, compression=compression, source_date_epoch=epoch, level=level, tee=pipe
+            )
+        )
+
+    def write_layer_stream(
+        self, stream: Any, *, entry_count: int = 0, compression: str = "gzip", level: int | None = None
+    ) -> tuple[LayerResult, Path]:
+        """:func:`imgci.build.layer.write_layer_tar` (a finished tar read from ``stream``), unpacking it in the same
+        pass; returns its layer dir too."""
+        return self._write_unpacking(
+            lambda pipe: write_layer_tar(
+                self.store, stream, entry_count=entry_count, compression=compression, level=level, tee=pipe
+            )
+        )
+
+    def _write_unpacking(self, write: Callable[[TarPipe], LayerResult]) -> tuple[LayerResult, Path]:
+        """Run ``write`` (which stores a layer blob and tees its tar into the pipe) while unpacking the pipe."""
         results: list[LayerResult] = []
 
         def produce(pipe: TarPipe) -> Digest:
-            epoch = source_date_epoch
-            results.append(
-                write_layer(
-                    self.store, entries, compression=compression, source_date_epoch=epoch, level=level, tee=pipe
-                )
-            )
+            results.append(write(pipe))
             return results[0].diff_id
 
         try:
@@ -283,30 +298,6 @@ class LayerStore:
                 raise
             # The layer was written; only unpacking it on the fly failed (say, the disk under STATE/layers):
             # unpacking the blob reports the real problem or succeeds.
-            return results[0], self.ensure_unpacked(results[0].descriptor, results[0].diff_id)
-        self._install_locked(diff_id, extracted)
-        return results[0], self._held_path(diff_id, results[0].descriptor)
-
-    def write_layer_stream(
-        self, stream: Any, *, entry_count: int = 0, compression: str = "gzip", level: int | None = None
-    ) -> tuple[LayerResult, Path]:
-        """:func:`imgci.build.layer.write_layer_tar` (a finished tar read from ``stream``), unpacking it in the same
-        pass; returns its layer dir too."""
-        results: list[LayerResult] = []
-
-        def produce(pipe: TarPipe) -> Digest:
-            results.append(
-                write_layer_tar(
-                    self.store, stream, entry_count=entry_count, compression=compression, level=level, tee=pipe
-                )
-            )
-            return results[0].diff_id
-
-        try:
-            diff_id, extracted = self._unpack_while(produce)
-        except ImgciError:
-            if not results:
-                raise
             return results[0], self.ensure_unpacked(results[0].descriptor, results[0].diff_id)
         self._install_locked(diff_id, extracted)
         return results[0], self._held_path(diff_id, results[0].descriptor)
@@ -407,7 +398,7 @@ class LayerStore:
         """
         removed = freed = 0
         for p in list(self.root.iterdir()):
-            if p.name.startswith(".tmp-") and not _pid_alive(p.name.split("-")[1]):
+            if p.name.startswith(".tmp-") and not pid_alive(p.name.split("-")[1]):
                 _remove_tree(p)
         sizes = {r.diff_id: r.size for r in self.list_unpacked()}
         for p in list(self.root.iterdir()):
@@ -463,7 +454,8 @@ class _NotSame(Exception):
     """The regenerated stream is not the layer that was written."""
 
 
-def _pid_alive(text: str) -> bool:
+def pid_alive(text: str) -> bool:
+    """Whether the process whose id is ``text`` (digits) runs (or may: another user's)."""
     if not text.isdigit():
         return False
     try:

@@ -88,16 +88,10 @@ def _remove_in_namespace(paths: list[Path]) -> None:
 
 def _dead(name: str, prefix: str) -> bool:
     """Whether ``name`` (``<prefix><pid>-<random>``) belongs to a process that no longer runs."""
+    from imgci.build.layerstore import pid_alive
+
     pid = name[len(prefix) :].split("-")[0]
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return pid.isdigit() and not pid_alive(pid)
 
 
 def sweep(state_dir: Path, layer_store: Any, keep: set[Digest]) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from typing import Any
 from imgci.build.sandbox.spec import LayerRef
 from imgci.compression import HashingReader, open_decompressed
 from imgci.errors import CorruptArchiveError, DigestMismatchError
-from imgci.layerfs import OPAQUE_WHITEOUT, WHITEOUT_PREFIX, ApplyStats, _Applier
+from imgci.layerfs import ApplyStats, _Applier, whiteout_victim
 from imgci.oci import Digest
 from imgci.rootdir import relpath
 from imgci.tarstream import TarEntry, safe_parts
@@ -50,12 +50,7 @@ class OverlayLayerApplier(_Applier):
         self.whited: set[str] = set()
 
     def _whiteout(self, e: TarEntry, parts: list[str]) -> None:
-        base = parts[-1]
-        victim = "" if base == OPAQUE_WHITEOUT else base[len(WHITEOUT_PREFIX) :]
-        if base != OPAQUE_WHITEOUT and victim in ("", ".", ".."):
-            from imgci.errors import UnsafeArchiveError
-
-            raise UnsafeArchiveError(f"{e.name!r}: whiteout of {victim or 'the root'!r} is not allowed")
+        victim = whiteout_victim(e, parts[-1])
         opened = self.root.walk(parts[:-1], create=True, follow=True, entry=e.name)
         assert opened is not None
         fd, names = opened
