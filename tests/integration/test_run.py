@@ -561,3 +561,29 @@ def test_chroot_without_pid_namespace_leaves_no_daemon_behind(imgci: Imgci, busy
         no_sandbox_leftovers(imgci, marker)
     finally:
         _kill_leftovers(marker)
+
+
+@pytest.mark.parametrize("isolation", ["userns", "chroot"])
+def test_run_gets_dockers_default_capabilities_only(imgci: Imgci, busybox: str, tmp_path: Path, isolation: str) -> None:
+    ctx = _context(
+        tmp_path,
+        f"""
+        FROM {busybox}
+        RUN grep -E '^Cap(Eff|Bnd)' /proc/self/status > /root-caps
+        USER 1000
+        RUN grep -E '^Cap(Eff|Bnd)' /proc/self/status > /tmp/user-caps
+        USER root
+        RUN if mount -t tmpfs none /mnt 2>/dev/null; then exit 9; fi
+        """,
+    )
+    imgci.run("build", "--isolation", isolation, "-t", f"test/caps-{isolation}:1", str(ctx))
+    root = _files(imgci, f"test/caps-{isolation}:1", tmp_path)
+    # docker's default set (chown dac_override fowner fsetid kill setgid setuid setpcap net_bind_service net_raw
+    # sys_chroot mknod audit_write setfcap): no sys_admin, whatever imgci itself holds
+    assert (root / "root-caps").read_text().split() == ["CapEff:", "00000000a80425fb", "CapBnd:", "00000000a80425fb"]
+    assert (root / "tmp" / "user-caps").read_text().split() == [
+        "CapEff:",
+        "0000000000000000",
+        "CapBnd:",
+        "00000000a80425fb",
+    ]

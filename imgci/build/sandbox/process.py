@@ -4,7 +4,7 @@ switch and the exec (see ``child``).
 Contract: :func:`exec_command` never returns. In its own mount namespace it mounts a fresh /proc, a minimal /dev,
 /sys, the builder's /etc/hosts and /etc/resolv.conf and every ``RUN --mount`` (mount points resolved inside the
 root through ``/proc/self/fd``), pivots into the root (or chroots, without mount permission), sets the hostname,
-drops to the step's uid/gid/groups, changes to its working directory with umask 022, closes every other file
+limits capabilities to Docker's default set, drops to the step's uid/gid/groups, changes to its working directory with umask 022, closes every other file
 descriptor and execs the command with exactly the step's environment. Failures before the exec are written to the
 output and exit with 125 (126/127 when the command cannot be run or found, like a shell).
 """
@@ -206,6 +206,7 @@ def exec_command(spec: ChildSpec, root: Path, can_mount: bool) -> None:
             os.chdir(process.cwd)
         except OSError as e:
             raise ChildError(f"cannot change to the working directory {process.cwd}: {e.strerror}") from None
+        _limit_capabilities()
         if spec.id_kind != "single":
             os.setgroups(process.groups)
         try:
@@ -234,6 +235,24 @@ def exec_command(spec: ChildSpec, root: Path, can_mount: bool) -> None:
         with contextlib.suppress(OSError):
             os.write(spec.output_fd if spec.output_fd >= 0 else 2, f"imgci: sandbox: {e}\n".encode())
         os._exit(125)
+
+
+# Docker's (and BuildKit's) default capabilities: chown dac_override fowner fsetid kill setgid setuid setpcap
+# net_bind_service net_raw sys_chroot mknod audit_write setfcap — no sys_admin, so a RUN cannot mount or unshare.
+DEFAULT_CAPABILITIES = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31})
+
+
+def _limit_capabilities() -> None:
+    """Drop every capability outside Docker's default set from the bounding set: root's command gets exactly those
+    at exec (a set-uid program can gain no more), whatever this process had."""
+    try:
+        last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    except (OSError, ValueError):
+        last = 40
+    for cap in range(last + 1):
+        if cap not in DEFAULT_CAPABILITIES:
+            with contextlib.suppress(OSError):
+                libc.prctl(libc.PR_CAPBSET_DROP, cap)
 
 
 def _max_fd() -> int:
