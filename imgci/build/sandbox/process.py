@@ -4,9 +4,10 @@ switch and the exec (see ``child``).
 Contract: :func:`exec_command` never returns. In its own mount namespace it mounts a fresh /proc, a minimal /dev,
 /sys, the builder's /etc/hosts and /etc/resolv.conf and every ``RUN --mount`` (mount points resolved inside the
 root through ``/proc/self/fd``), pivots into the root (or chroots, without mount permission), sets the hostname,
-limits capabilities to Docker's default set, drops to the step's uid/gid/groups, changes to its working directory with umask 022, closes every other file
-descriptor and execs the command with exactly the step's environment. Failures before the exec are written to the
-output and exit with 125 (126/127 when the command cannot be run or found, like a shell).
+limits capabilities to Docker's default set, drops to the step's uid/gid/groups, changes to its working directory
+with umask 022, closes every other file descriptor and execs the command with exactly the step's environment.
+Failures before the exec are written to the output and exit with 125 (126/127 when the command cannot be run or
+found, like a shell).
 """
 
 from __future__ import annotations
