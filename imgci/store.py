@@ -46,7 +46,7 @@ from imgci.errors import (
 )
 from imgci.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Digest, ImageConfig, Index, Manifest
 
-_SCHEMA_VERSION = 2  # 2: unpacked_layers
+_SCHEMA_VERSION = 3  # 2: unpacked_layers, 3: cache_entries + cache_blobs
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS refs (
     name TEXT PRIMARY KEY,
@@ -77,6 +77,20 @@ CREATE TABLE IF NOT EXISTS unpacked_layers (
     entries INTEGER NOT NULL,
     unpacked REAL NOT NULL,
     last_used REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cache_entries (
+    key TEXT PRIMARY KEY,
+    parent TEXT NOT NULL,
+    record TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cache_entries_parent ON cache_entries (parent);
+CREATE TABLE IF NOT EXISTS cache_blobs (
+    key TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (key, digest)
 );
 """
 _STALE_INGEST_SECONDS = 3600.0
@@ -475,12 +489,14 @@ class Store:
         return live
 
     def roots(self, extra: list[Digest] | None = None) -> set[Digest]:
-        """Digests gc must keep as roots: refs, live leases' blobs and ``extra``."""
+        """Digests gc must keep as roots: refs, build cache entries' layers, live leases' blobs and ``extra``."""
         out: set[Digest] = set(extra or [])
         with self.transaction() as db:
             live = self._live_leases(db)
             for (d,) in db.execute("SELECT digest FROM refs").fetchall():
                 out.add(Digest(d))
+            for (d,) in db.execute("SELECT DISTINCT digest FROM cache_blobs").fetchall():
+                out.add(Digest(d))  # build cache entries keep their layers (prune drops entries first)
             for lease_id in live:
                 for (d,) in db.execute("SELECT digest FROM lease_blobs WHERE lease_id = ?", (lease_id,)):
                     out.add(Digest(d))

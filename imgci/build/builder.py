@@ -55,6 +55,9 @@ from imgci.build.image import DEFAULT_PATH, ImageState, Layer, assemble
 from imgci.build.resolver import ImageResolver, ResolvedImage
 from imgci.build.runstep import RunStep
 from imgci.build.solver import RunContext, Solver, Vertex
+from imgci.cache.keys import base_key, step_key
+from imgci.cache.manager import BuildCache
+from imgci.cache.records import delta
 from imgci.errors import BuildError, DockerfileError, ImgciError, UsageError
 from imgci.oci import Descriptor, Manifest, Platform
 from imgci.store import Store
@@ -80,6 +83,9 @@ class BuildRequest:
     secrets: dict[str, bytes] = field(default_factory=dict)
     ssh: dict[str, str] = field(default_factory=dict)
     network: str = "default"  # RUN's network when the instruction does not say: default (= host) | host | none
+    no_cache: bool = False
+    no_cache_filter: list[str] = field(default_factory=list)
+    cache_importers: list[Any] = field(default_factory=list)  # imgci.cache.manager.Importer, in --cache-from order
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class BuildResult:
     stages: list[str]
     steps: int
     duration: float
+    cache: Any = None  # imgci.cache.manager.BuildCache of this build
 
 
 @dataclass
@@ -171,6 +178,13 @@ class Builder:
             dockerfile=None if req.dockerfile_text is not None else path,
             cache_dir=self.store.root / "cache" / "context",
         )
+        cache = BuildCache(
+            self.store,
+            importers=list(req.cache_importers),
+            disabled=req.no_cache,
+            no_cache_stages={s.lower() for s in req.no_cache_filter},
+            on_warning=lambda m: self.on_note(f"warning: {m}"),
+        )
         scratch = Path(tempfile.mkdtemp(prefix="build-", dir=self._tmp_root()))
         try:
             ws = S.Workspace(
@@ -190,7 +204,9 @@ class Builder:
             stages: dict[int, _StageInfo] = {}
             count = 0
             for index in order:
-                stages[index], n = self._convert_stage(dockerfile, index, scope, platform, stages, ws, str(req.context))
+                stages[index], n = self._convert_stage(
+                    dockerfile, index, scope, platform, stages, ws, str(req.context), cache
+                )
                 count += n
             final_info = stages[order[-1]]
             state: ImageState = self.solver.solve([final_info.vertex])[0]
@@ -201,9 +217,13 @@ class Builder:
             labels = dict(state.config.get("Labels") or {})
             labels.update(req.labels)
             state = state.with_config(Labels=labels)
-        manifest, desc = assemble(self.store, state, created=created, docker_media_types=req.docker_media_types)
+        # The image is as new as its newest step: a rebuild served from the cache is the same image, byte for byte.
+        stamps = [str(h["created"]) for h in state.history if h.get("created")] if count else []
+        manifest, desc = assemble(
+            self.store, state, created=max(stamps) if stamps else created, docker_media_types=req.docker_media_types
+        )
         names = [dockerfile.stages[i].display_name for i in order]
-        return BuildResult(manifest, desc, state, str(path), names, count, time.monotonic() - start)
+        return BuildResult(manifest, desc, state, str(path), names, count, time.monotonic() - start, cache)
 
     def _sandbox_factory(self, req: BuildRequest) -> Callable[[], Any]:
         """The RUN sandbox, probed and made on first use (a build without RUN never probes)."""
@@ -265,6 +285,7 @@ class Builder:
         done: dict[int, _StageInfo],
         ws: S.Workspace,
         context_id: str,
+        cache: BuildCache,
     ) -> tuple[_StageInfo, int]:
         stage = df.stages[index]
         from_ = stage.from_.expand(scope.global_values)
@@ -284,7 +305,7 @@ class Builder:
             cfg_env = dict(parent_info.cfg_env)
             onbuild = list(parent_info.onbuild)
         elif base.kind == "scratch":
-            state0 = ImageState.scratch(platform)
+            state0 = ImageState.scratch(platform).evolve(cache_key=base_key("", str(platform)))
             parent = Vertex(
                 key=_key("scratch", str(platform)),
                 name=f"[{label} 1/{total}] FROM scratch",
@@ -298,7 +319,8 @@ class Builder:
                 Layer(d, diff) for d, diff in zip(resolved.manifest.layers, resolved.config.diff_ids, strict=True)
             ]
             state0 = ImageState.from_image(resolved.config, layers, resolved.name, resolved.digest.value)
-            state0 = state0.with_config(OnBuild=None)
+            state0 = state0.with_config(OnBuild=None).evolve(cache_key=base_key(resolved.digest.value, str(platform)))
+            cache.note_base(state0.cache_key, resolved.name, resolved.digest.value)
             name = f"[{label} 1/{total}] FROM {resolved.name}@{resolved.digest.value}"
             parent = Vertex(key=_key("from", resolved.digest.value, str(platform)), name=name, run=_const(state0))
             cfg_env = state0.env_map()
@@ -360,7 +382,9 @@ class Builder:
                 raw = instr
             key = _key(parent.key, _instruction_identity(raw), extra, str(platform))
             name = f"[{label} {pos}/{total}] {_display(raw)}"
-            parent = Vertex(key=key, name=name, run=self._runner(step, ws), inputs=inputs, data=raw)
+            identity = _instruction_identity(raw)
+            runner = self._runner(step, ws, cache, identity, str(platform), label, raw)
+            parent = Vertex(key=key, name=name, run=runner, inputs=inputs, data=raw)
         info = _StageInfo(parent, cfg_env, stage_onbuild)
         return info, len(instructions)
 
@@ -445,18 +469,51 @@ class Builder:
             inputs.append(src)
         return step, inputs
 
-    def _runner(self, step: Any, ws: S.Workspace) -> Callable[[RunContext, list[Any]], Any]:
+    def _runner(
+        self,
+        step: Any,
+        ws: S.Workspace,
+        cache: BuildCache,
+        identity: dict[str, Any],
+        platform: str,
+        stage: str,
+        instr: Instruction,
+    ) -> Callable[[RunContext, list[Any]], Any]:
+        shown = _display(instr)
         def run(ctx: RunContext, inputs: list[Any]) -> ImageState:
             parent: ImageState = inputs[0]
             local = dataclasses.replace(ws, sources=dict(ws.sources), log=ctx.log)
+            src_state: ImageState | None = None
             if isinstance(step, S.CopyStep) and step.source_key:
-                src_state: ImageState = inputs[1]
+                src_state = inputs[1]
                 local.sources[step.source_key] = self._view(src_state, _source_name(step.source_key))
             if isinstance(step, RunStep):
                 local.states = {key: inputs[1 + i] for i, key in enumerate(step.mount_sources.values())}
                 local.check = ctx.check
             ctx.check()
-            return step.execute(parent, local)
+            try:
+                step_inputs = step.cache_input(parent, local)
+            except BuildError as e:  # e.g. a COPY source that does not exist: located at its instruction
+                if e.line:
+                    raise
+                raise BuildError(e.detail, hint=e.hint, file=instr.location.file, line=instr.location.start) from None
+            if src_state is not None:
+                step_inputs["from"] = src_state.cache_key  # what the source stage or image is, by content
+            public = {k: v for k, v in step_inputs.items() if not k.startswith("_")}
+            key = step_key(parent.cache_key, json.dumps(identity, sort_keys=True, default=str), public, platform)
+            record = cache.lookup(key, stage=stage, name=ctx.vertex.name)
+            if record is not None:
+                ctx.cached = True
+                return record.apply(parent).evolve(cache_key=key)
+            reason = cache.miss(
+                key, parent.cache_key, stage=stage, name=ctx.vertex.name, instruction=shown, inputs=step_inputs
+            )
+            if reason and not reason.startswith(("first build", "--no-cache", "parent step missed")):
+                ctx.log(f"cache miss: {reason}")
+            started = time.monotonic()
+            result: ImageState = step.execute(parent, local)
+            cache.put(delta(key, parent.cache_key, shown, step_inputs, parent, result, time.monotonic() - started))
+            return result.evolve(cache_key=key)
 
         return run
 
@@ -480,7 +537,8 @@ def _image_state(resolved: ResolvedImage) -> ImageState:
             f"image {resolved.name} is inconsistent: {len(manifest.layers)} layers but {len(cfg.diff_ids)} diff_ids"
         )
     layers = [Layer(d, diff) for d, diff in zip(manifest.layers, cfg.diff_ids, strict=True)]
-    return ImageState.from_image(cfg, layers, resolved.name, resolved.digest.value)
+    state = ImageState.from_image(cfg, layers, resolved.name, resolved.digest.value)
+    return state.evolve(cache_key=base_key(resolved.digest.value, str(cfg.platform)))
 
 
 def _source_name(key: str) -> str:

@@ -347,12 +347,17 @@ def plan_copy(
 
 
 def source_digest(
-    sources: Sequence[Source], *, src_fs: SourceFS | None = None, options: CopyOptions | None = None
+    sources: Sequence[Source],
+    *,
+    src_fs: SourceFS | None = None,
+    options: CopyOptions | None = None,
+    files: dict[str, str] | None = None,
 ) -> str:
     """The source side of a COPY/ADD cache key: ``sha256:<hex>`` of everything the copy reads (see
     ``copysources.digest_items``), independent of the destination. Missing sources raise as in :func:`plan_copy`.
-    Flags (``--chown``, ``--chmod``, dest...) are not covered: they belong to the instruction text in the key."""
+    Flags (``--chown``, ``--chmod``, dest...) are not covered: they belong to the instruction text in the key.
+    ``files`` receives a short digest per entry read (see ``digest_items``)."""
     options = options or CopyOptions()
     excludes = Matcher(options.excludes, source="--exclude") or None if options.excludes else None
     now = options.now if options.now is not None else 0.0  # heredoc mtimes are not part of the digest
-    return digest_items(expand_sources(sources, src_fs, options, excludes, now), excludes)
+    return digest_items(expand_sources(sources, src_fs, options, excludes, now), excludes, files)

@@ -233,8 +233,9 @@ def _tree(item: Item, excludes: Matcher | None) -> Iterator[tuple[str, FileInfo,
         stack.extend(reversed(subdirs))
 
 
-def digest_items(items: Sequence[Item], excludes: Matcher | None) -> str:
-    """The content digest of ``items`` for a cache key; see the module contract."""
+def digest_items(items: Sequence[Item], excludes: Matcher | None, files: dict[str, str] | None = None) -> str:
+    """The content digest of ``items`` for a cache key; see the module contract. ``files`` (when given) receives a
+    short digest of every entry read, by path, to explain a later change."""
     h = hashlib.sha256()
 
     def record(*fields: object) -> None:
@@ -251,4 +252,8 @@ def digest_items(items: Sequence[Item], excludes: Matcher | None) -> str:
             token = contents.get(real, "") if info.type in ("file", "hardlink") else info.linkname
             dev = f"{info.devmajor},{info.devminor}" if info.type in ("char", "block") else ""
             record("E", rel, info.type, f"{info.mode:o}", info.uid, info.gid, dev, token)
+            if files is not None:
+                entry = f"{info.type}\0{info.mode:o}\0{info.uid}\0{info.gid}\0{dev}\0{token}"
+                name = f"{item.name.rstrip('/')}/{rel}" if rel else item.name
+                files[name] = hashlib.sha256(entry.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return "sha256:" + h.hexdigest()

@@ -50,6 +50,7 @@ class ImageState:
     base_digest: str = ""  # manifest digest of the base ("" for scratch)
     os_version: str = ""
     base_extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # unknown config keys
+    cache_key: str = field(default="", compare=False)  # the build cache key of the step that produced this state
 
     @classmethod
     def scratch(cls, platform: Platform) -> ImageState:

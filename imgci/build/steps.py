@@ -379,7 +379,9 @@ class CopyStep:
         local = [s for s in i.sources if "://" not in s and not s.startswith("git@")]
         if not self.source_key and ws.context is not None and local:
             options = CopyOptions(excludes=tuple(i.excludes), parents=bool(getattr(i, "parents", False)))
-            inputs["sources"] = source_digest(local, src_fs=ws.context, options=options)
+            files: dict[str, str] = {}
+            inputs["sources"] = source_digest(local, src_fs=ws.context, options=options, files=files)
+            inputs["_files"] = files  # not part of the key: explains which file changed
         return inputs
 
     def execute(self, state: ImageState, ws: Workspace) -> ImageState:
