@@ -56,7 +56,7 @@ from imgci.build.resolver import ImageResolver, ResolvedImage
 from imgci.build.runstep import RunStep
 from imgci.build.solver import RunContext, Solver, Vertex
 from imgci.cache.keys import base_key, step_key
-from imgci.cache.manager import BuildCache
+from imgci.cache.manager import BuildCache, CacheBlobUnavailable
 from imgci.cache.records import delta
 from imgci.errors import BuildError, DockerfileError, ImgciError, UsageError
 from imgci.oci import Descriptor, Manifest, Platform
@@ -110,6 +110,7 @@ class _StageInfo:
 
 
 def _key(*parts: Any) -> str:
+    """A vertex's key within this process (the solver's run-once identity; not the build cache key)."""
     raw = json.dumps([STEP_TYPE, *parts], sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(raw).hexdigest()
 
@@ -171,8 +172,6 @@ class Builder:
         predefined = predefined_args(platform, Platform.host())
         order = stages_needed(dockerfile, req.target, req.build_args, predefined=predefined)
         scope = ArgScope(dockerfile, req.build_args, predefined)
-        epoch = req.source_date_epoch
-        created = _rfc3339(epoch if epoch is not None else time.time())
         context = BuildContext(
             req.context,
             dockerfile=None if req.dockerfile_text is not None else path,
@@ -185,6 +184,34 @@ class Builder:
             no_cache_stages={s.lower() for s in req.no_cache_filter},
             on_warning=lambda m: self.on_note(f"warning: {m}"),
         )
+        for attempt in range(1, 4):
+            cache.attempt = attempt
+            try:
+                return self._build_once(req, dockerfile, path, order, scope, platform, context, cache, start)
+            except CacheBlobUnavailable as e:
+                if attempt == 3:
+                    raise BuildError(f"{e.message} (and again after two rebuilds without it)") from None
+                self.on_note(f"warning: {e.message}; building those steps instead")
+                cache.poison(e.keys)
+            finally:
+                if attempt == 3:
+                    context.close()
+        raise AssertionError("unreachable")
+
+    def _build_once(
+        self,
+        req: BuildRequest,
+        dockerfile: Dockerfile,
+        path: Path,
+        order: list[int],
+        scope: ArgScope,
+        platform: Platform,
+        context: Any,
+        cache: BuildCache,
+        start: float,
+    ) -> BuildResult:
+        epoch = req.source_date_epoch
+        created = _rfc3339(epoch if epoch is not None else time.time())
         scratch = Path(tempfile.mkdtemp(prefix="build-", dir=self._tmp_root()))
         try:
             ws = S.Workspace(
@@ -195,7 +222,7 @@ class Builder:
                 epoch=epoch,
                 compression=req.compression,
                 scratch=scratch,
-                view=self._view,
+                view=lambda state, description: self._view(state, description, cache),
                 sandbox=self._sandbox_factory(req),
                 secrets=dict(req.secrets),
                 ssh=dict(req.ssh),
@@ -210,9 +237,10 @@ class Builder:
                 count += n
             final_info = stages[order[-1]]
             state: ImageState = self.solver.solve([final_info.vertex])[0]
+            cache.ensure(state.layers)  # the image in the store is complete: fetch what cache hits left remote
         finally:
-            context.close()
             shutil.rmtree(scratch, ignore_errors=True)
+        context.close()
         if req.labels:
             labels = dict(state.config.get("Labels") or {})
             labels.update(req.labels)
@@ -270,7 +298,8 @@ class Builder:
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read the Dockerfile {path}: {e}") from None
 
-    def _view(self, state: ImageState, description: str) -> Any:
+    def _view(self, state: ImageState, description: str, cache: BuildCache) -> Any:
+        cache.ensure(state.layers)
         for layer in state.layers:
             self.layers.ensure_unpacked(layer.descriptor, layer.diff_id)
         return self.layers.view(state.diff_ids, description)
@@ -307,7 +336,7 @@ class Builder:
         elif base.kind == "scratch":
             state0 = ImageState.scratch(platform).evolve(cache_key=base_key("", str(platform)))
             parent = Vertex(
-                key=_key("scratch", str(platform)),
+                key=_key("scratch", str(platform), cache.attempt),
                 name=f"[{label} 1/{total}] FROM scratch",
                 run=_const(state0),
             )
@@ -322,7 +351,8 @@ class Builder:
             state0 = state0.with_config(OnBuild=None).evolve(cache_key=base_key(resolved.digest.value, str(platform)))
             cache.note_base(state0.cache_key, resolved.name, resolved.digest.value)
             name = f"[{label} 1/{total}] FROM {resolved.name}@{resolved.digest.value}"
-            parent = Vertex(key=_key("from", resolved.digest.value, str(platform)), name=name, run=_const(state0))
+            key0 = _key("from", resolved.digest.value, str(platform), cache.attempt)
+            parent = Vertex(key=key0, name=name, run=_const(state0))
             cfg_env = state0.env_map()
             cfg_env.setdefault("PATH", DEFAULT_PATH)
             onbuild = list(resolved.config.config.get("OnBuild") or [])
@@ -348,7 +378,7 @@ class Builder:
                 extra["args"] = [(b.name, b.value) for b in bindings]
             elif isinstance(raw, RunInstruction):
                 run = raw.expand(env)
-                step, mount_inputs = self._run_step(df, run, platform, done, list(stage_args.items()))
+                step, mount_inputs = self._run_step(df, run, platform, done, list(stage_args.items()), cache.attempt)
                 inputs += mount_inputs
                 extra["args"] = step.arg_env(cfg_env)
                 extra["mounts"] = {str(k): v for k, v in step.source_identity.items()}
@@ -368,7 +398,7 @@ class Builder:
                 elif isinstance(instr, WorkdirInstruction):
                     step = S.WorkdirStep(instr)
                 elif isinstance(instr, CopyInstruction | AddInstruction):
-                    step, src_vertex = self._copy_step(df, instr, platform, done, context_id)
+                    step, src_vertex = self._copy_step(df, instr, platform, done, context_id, cache.attempt)
                     if src_vertex is not None:
                         inputs.append(src_vertex)
                     extra["from"] = step.source_identity
@@ -395,6 +425,7 @@ class Builder:
         platform: Platform,
         done: dict[int, _StageInfo],
         context_id: str,
+        attempt: int,
     ) -> tuple[S.CopyStep, Vertex | None]:
         if not isinstance(instr, CopyInstruction) or instr.from_ is None:
             return S.CopyStep(instr, "", f"context:{context_id}"), None
@@ -417,7 +448,7 @@ class Builder:
             ) from None
         state0 = _image_state(resolved)
         src = Vertex(
-            key=_key("from", resolved.digest.value, str(platform)),
+            key=_key("from", resolved.digest.value, str(platform), attempt),
             name=f"FROM {resolved.name}",
             run=_const(state0),
         )
@@ -430,6 +461,7 @@ class Builder:
         platform: Platform,
         done: dict[int, _StageInfo],
         args: list[tuple[str, str | None]],
+        attempt: int,
     ) -> tuple[RunStep, list[Vertex]]:
         """The RUN step and the vertices its ``--mount from=`` sources come from."""
         step = RunStep(instr, args)
@@ -458,7 +490,7 @@ class Builder:
                         line=instr.location.start,
                     ) from None
                 src = Vertex(
-                    key=_key("from", resolved.digest.value, str(platform)),
+                    key=_key("from", resolved.digest.value, str(platform), attempt),
                     name=f"FROM {resolved.name}",
                     run=_const(_image_state(resolved)),
                 )
@@ -480,13 +512,13 @@ class Builder:
         instr: Instruction,
     ) -> Callable[[RunContext, list[Any]], Any]:
         shown = _display(instr)
+
         def run(ctx: RunContext, inputs: list[Any]) -> ImageState:
             parent: ImageState = inputs[0]
             local = dataclasses.replace(ws, sources=dict(ws.sources), log=ctx.log)
             src_state: ImageState | None = None
             if isinstance(step, S.CopyStep) and step.source_key:
                 src_state = inputs[1]
-                local.sources[step.source_key] = self._view(src_state, _source_name(step.source_key))
             if isinstance(step, RunStep):
                 local.states = {key: inputs[1 + i] for i, key in enumerate(step.mount_sources.values())}
                 local.check = ctx.check
@@ -510,6 +542,8 @@ class Builder:
             )
             if reason and not reason.startswith(("first build", "--no-cache", "parent step missed")):
                 ctx.log(f"cache miss: {reason}")
+            if src_state is not None and isinstance(step, S.CopyStep):  # read only on a miss: a hit needs no files
+                local.sources[step.source_key] = self._view(src_state, _source_name(step.source_key), cache)
             started = time.monotonic()
             result: ImageState = step.execute(parent, local)
             cache.put(delta(key, parent.cache_key, shown, step_inputs, parent, result, time.monotonic() - started))

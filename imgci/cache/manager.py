@@ -2,8 +2,11 @@
 
 Contract of :class:`BuildCache`:
 - :meth:`lookup` answers a step key from the local cache, then from each importer in the order given (``--cache-from``
-  order); an imported hit brings the record's layer blobs into the store (digest-verified by the importer) and
-  records it locally. Any importer failure is a warning and a miss, never a failed build (STYLE.md rule 8).
+  order). An imported hit's layer blobs stay remote until :meth:`ensure` is asked for them — before a later step
+  reads that state's files, and for the final image — so a hit whose content nothing needs downloads nothing. A
+  fetched record is recorded locally. An importer that cannot be read is a warning and a miss (STYLE.md rule 8); a
+  blob that cannot be fetched raises :class:`CacheBlobUnavailable`, and the builder runs the build again with
+  those steps as misses (:meth:`poison`).
 - :meth:`miss` explains a miss (see :mod:`imgci.cache.explain`) and remembers it; :meth:`put` stores what a step
   produced; both feed :meth:`summary` (hits, misses with reasons, bytes reused, time saved).
 - ``disabled`` (``--no-cache``) or a stage in ``no_cache_stages`` (``--no-cache-filter``) makes lookups miss with
@@ -23,11 +26,13 @@ from imgci.cache.explain import explain
 from imgci.cache.local import LocalCache
 from imgci.cache.records import CacheRecord
 from imgci.errors import ImgciError
+from imgci.oci import Descriptor, Digest
 from imgci.store import Store
 
 
 class Importer(Protocol):
-    """A cache to read from (``--cache-from``)."""
+    """A cache to read from (``--cache-from``). Lazy: nothing is read before the first lookup, and a layer blob
+    only when the build needs its content (:meth:`fetch_blob`)."""
 
     def describe(self) -> str: ...
 
@@ -35,9 +40,17 @@ class Importer(Protocol):
         """The record of ``key``, or None; raises ImgciError when the cache cannot be read (a warning)."""
         ...
 
-    def fetch(self, record: CacheRecord, store: Store) -> None:
-        """Bring the record's layer blobs into ``store``, verified; raises ImgciError on failure (a miss)."""
+    def fetch_blob(self, descriptor: Descriptor, store: Store) -> None:
+        """Bring one layer blob into ``store``, digest-verified; raises ImgciError on failure."""
         ...
+
+
+class CacheBlobUnavailable(ImgciError):
+    """A layer of an imported cache hit could not be fetched; ``keys`` are the records to treat as misses."""
+
+    def __init__(self, message: str, keys: set[str]) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
 @dataclass
@@ -61,12 +74,15 @@ class BuildCache:
 
     def __post_init__(self) -> None:
         self.local = LocalCache(self.store)
+        self.attempt = 1  # the builder's try (a retry after CacheBlobUnavailable gets fresh solver vertices)
         self._lock = threading.Lock()
         self.outcomes: list[StepOutcome] = []
         self.used: dict[str, CacheRecord] = {}  # every record this build hit or made, by key
         self.missed: set[str] = set()
         self.bases: dict[str, tuple[str, str]] = {}  # base key -> (image name, digest)
         self._broken: set[int] = set()  # importers that failed once: not asked again in this build
+        self.poisoned: set[str] = set()  # imported records whose blobs could not be fetched: misses from now on
+        self._pending: dict[Digest, tuple[Importer, Descriptor, str]] = {}  # blob -> (importer, descriptor, key)
 
     # -- lookups ---------------------------------------------------------------------------------------------------
     def lookup(self, key: str, *, stage: str, name: str) -> CacheRecord | None:
@@ -85,23 +101,56 @@ class BuildCache:
         return record
 
     def _import(self, key: str) -> tuple[CacheRecord | None, str]:
+        if key in self.poisoned:
+            return None, ""
         for n, importer in enumerate(self.importers):
             if n in self._broken:
                 continue
             try:
                 record = importer.lookup(key)
-                if record is None:
-                    continue
-                importer.fetch(record, self.store)
             except ImgciError as e:
                 self._warn_once(n, f"cache {importer.describe()}: {e.message}; continuing without it")
                 continue
-            try:
-                self.local.put(record)
-            except ImgciError as e:
-                self.on_warning(f"cannot record an imported cache entry locally: {e.message}")
+            if record is None:
+                continue
+            with self._lock:
+                for d, _ in record.layers:
+                    if not self.store.claim(d.digest):
+                        self._pending.setdefault(d.digest, (importer, d, key))
             return record, importer.describe()
         return None, ""
+
+    def ensure(self, layers: Any) -> None:
+        """Fetch the blobs of ``layers`` (imgci.build.image.Layer) that imported hits left remote, before their
+        content is used; raises CacheBlobUnavailable (the build then runs again with those steps as misses)."""
+        for layer in layers:
+            with self._lock:
+                pending = self._pending.get(layer.descriptor.digest)
+            if pending is None:
+                continue
+            importer, descriptor, key = pending
+            try:
+                importer.fetch_blob(descriptor, self.store)
+            except ImgciError as e:
+                raise CacheBlobUnavailable(
+                    f"cache {importer.describe()}: layer {descriptor.digest.short}: {e.message}", {key}
+                ) from None
+            with self._lock:
+                self._pending.pop(layer.descriptor.digest, None)
+            record = self.used.get(key)
+            if record is not None and all(self.store.has_blob(d.digest) for d, _ in record.layers):
+                try:
+                    self.local.put(record)
+                except ImgciError as e:
+                    self.on_warning(f"cannot record an imported cache entry locally: {e.message}")
+
+    def poison(self, keys: set[str]) -> None:
+        with self._lock:
+            self.poisoned |= keys
+            self._pending = {d: p for d, p in self._pending.items() if p[2] not in keys}
+            self.outcomes = []
+            self.used = {}
+            self.missed = set()
 
     def _warn_once(self, n: int, message: str) -> None:
         with self._lock:
