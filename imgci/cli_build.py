@@ -35,7 +35,14 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="build this stage (default: the last)")
     p.add_argument("--platform", help="target platform os/arch[/variant] (default: host)")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="set a label on the image")
-    p.add_argument("--no-cache", action="store_true", help="do not reuse cached steps")
+    p.add_argument("--no-cache", action="store_true", help="run every step (results are still cached)")
+    p.add_argument(
+        "--no-cache-filter",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="run every step of this stage, reuse the cache elsewhere (repeatable)",
+    )
     p.add_argument("--pull", action="store_true", help="always pull base images, even when in the local store")
     p.add_argument(
         "-o",
@@ -146,6 +153,21 @@ def _ssh(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _cache_line(summary: dict[str, Any]) -> str:
+    """``Cache: 5 of 7 steps reused (12.3 MiB, 4.1s saved); missed: [2/4] COPY src/ (COPY sources changed: app.py)``"""
+    from imgci.ui import human_size
+
+    hits, misses = summary["hits"], summary["misses"]
+    line = f"Cache: {hits} of {hits + misses} steps reused"
+    if hits:
+        line += f" ({human_size(summary['bytes_reused'])}, {summary['time_saved']:.1f}s saved)"
+    reasons = [s for s in summary["steps"] if not s["cached"] and s["reason"] != "parent step missed"]
+    if reasons:
+        shown = "; ".join(f"{s['step']} ({s['reason']})" for s in reasons[:3])
+        line += f"; missed: {shown}" + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")
+    return line
+
+
 def _labels(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -206,6 +228,8 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
         secrets=_secrets(args.secret),
         ssh=_ssh(args.ssh),
         network=args.network,
+        no_cache=args.no_cache,
+        no_cache_filter=[f for item in args.no_cache_filter for f in item.split(",") if f],
     )
     progress = BuildProgress("quiet" if args.quiet else (args.progress or "auto"))
     solver = Solver(
@@ -239,12 +263,15 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
     digest = result.descriptor.digest.value
     if args.iidfile:
         Path(args.iidfile).write_text(digest)
+    cache_summary = result.cache.summary() if result.cache is not None else None
     if args.metadata_file:
         extra = {
             "imgci.dockerfile": result.dockerfile,
             "imgci.stages": result.stages,
             "imgci.duration": round(result.duration, 3),
         }
+        if cache_summary is not None:
+            extra["imgci.cache"] = cache_summary
         if "pushed" in info:
             extra["imgci.pushed"] = info["pushed"]
         Path(args.metadata_file).write_text(
@@ -256,4 +283,6 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
         for name in tags:
             print(f"Successfully built {reference.parse(name).familiar()}", file=sys.stderr)
         print(f"Image digest: {digest} ({result.steps} steps in {result.duration:.1f}s)", file=sys.stderr)
+        if cache_summary is not None and (cache_summary["hits"] or cache_summary["misses"]):
+            print(_cache_line(cache_summary), file=sys.stderr)
     return 0

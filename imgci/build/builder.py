@@ -63,6 +63,7 @@ from imgci.oci import Descriptor, Manifest, Platform
 from imgci.store import Store
 
 STEP_TYPE = "imgci.step.v1"
+INLINE_CACHE_KEY = "imgci.cache.v1"  # top-level image config field: [CacheRecord JSON, ...] of the final chain
 
 
 @dataclass
@@ -86,6 +87,7 @@ class BuildRequest:
     no_cache: bool = False
     no_cache_filter: list[str] = field(default_factory=list)
     cache_importers: list[Any] = field(default_factory=list)  # imgci.cache.manager.Importer, in --cache-from order
+    inline_cache: bool = False  # --cache-to type=inline: the final chain's cache records in the image config
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,9 @@ class Builder:
             labels = dict(state.config.get("Labels") or {})
             labels.update(req.labels)
             state = state.with_config(Labels=labels)
+        if req.inline_cache:
+            records = [json.loads(r.dumps()) for r in cache.records_for_export("min", state.cache_key)]
+            state = state.evolve(base_extra={**state.base_extra, INLINE_CACHE_KEY: records})
         # The image is as new as its newest step: a rebuild served from the cache is the same image, byte for byte.
         stamps = [str(h["created"]) for h in state.history if h.get("created")] if count else []
         manifest, desc = assemble(
