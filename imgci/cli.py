@@ -151,6 +151,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from imgci.images import disk_usage
 
     store = _store(args)
+    cache_removed = _prune_cache(store, args)
     candidates = [r for r in disk_usage(store) if r.reclaimable]
     blobs, freed = store.gc(dry_run=args.dry_run)
     layers_removed = 0
@@ -177,8 +178,37 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if len(rows) > 1:
         table(rows, sys.stdout)
     verb = "Would reclaim" if args.dry_run else "Reclaimed"
-    print(f"{verb}:\t{human_size(freed)} ({blobs} blobs, {layers_removed} unpacked layers)")
+    cache = f", {cache_removed} build cache entries" if cache_removed else ""
+    print(f"{verb}:\t{human_size(freed)} ({blobs} blobs, {layers_removed} unpacked layers{cache})")
     return 0
+
+
+def _prune_cache(store: Any, args: argparse.Namespace) -> int:
+    """Drop build cache records as ``--all``, ``--filter until=``, ``--keep-storage`` ask (their blobs go with gc)."""
+    from imgci.cache.local import LocalCache
+    from imgci.units import parse_duration, parse_size
+
+    until = None
+    for item in args.filter:
+        key, _, value = item.partition("=")
+        if key != "until" or not value:
+            raise UsageError(f"invalid --filter {item!r}: only until=DURATION is supported (e.g. until=24h)")
+        try:
+            until = parse_duration(value)
+        except ValueError as e:
+            raise UsageError(f"--filter {item}: {e}") from None
+    keep = None
+    if args.keep_storage is not None:
+        try:
+            keep = parse_size(args.keep_storage)
+        except ValueError as e:
+            raise UsageError(f"--keep-storage: {e}") from None
+    if not (args.all or until is not None or keep is not None):
+        return 0
+    local = LocalCache(store)
+    if args.dry_run:
+        return len(local.records()) if args.all else 0
+    return local.prune(until=until, keep_storage=keep, everything=args.all)
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
@@ -503,8 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("du", cmd_du, "Show disk usage of the state store.")
     p.add_argument("-f", "--filter", action="append", default=[], help="reclaimable=true|false")
 
-    p = add("prune", cmd_prune, "Remove blobs no image or cache entry references.")
+    p = add("prune", cmd_prune, "Remove blobs no image or cache entry references, and old build cache.")
     p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+    p.add_argument("-a", "--all", action="store_true", help="remove the whole build cache too")
+    p.add_argument("--keep-storage", metavar="SIZE", help="remove least recently used build cache above SIZE (e.g. 5g)")
+    p.add_argument(
+        "--filter", action="append", default=[], metavar="until=DURATION", help="remove build cache unused for DURATION"
+    )
 
     add("fsck", cmd_fsck, "Verify every blob's digest and every image's references.")
 

@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import os
 import posixpath
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,6 @@ from imgci.build.image import DEFAULT_PATH, ImageState, Layer
 from imgci.errors import BuildError, ImgciError
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 
 @dataclass
@@ -287,12 +285,14 @@ def _ref(ws: Any, layer: Layer) -> Any:
 
 
 def _size(text: str) -> int:
+    from imgci.units import parse_size
+
     if not text:
         return 0
-    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?) ?([kKmMgGtTpP]?)[iI]?[bB]?", text.strip())
-    if not match:
-        raise BuildError(f"invalid tmpfs size {text!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise BuildError(f"invalid tmpfs size {text!r}") from None
 
 
 def _process_env(state: ImageState, args: list[str], home: str) -> list[str]:
