@@ -433,7 +433,7 @@ class Builder:
         attempt: int,
     ) -> tuple[S.CopyStep, Vertex | None]:
         if not isinstance(instr, CopyInstruction) or instr.from_ is None:
-            return S.CopyStep(instr, "", f"context:{context_id}"), None
+            return S.CopyStep(instr, "", "context"), None  # the files' digests are the key, never the checkout path
         dep = resolve_copy_from(df, instr)
         assert dep is not None
         if dep.kind == "stage":

@@ -15,6 +15,10 @@ from imgci.cache.records import CacheRecord
 _MAX_NAMES = 3
 
 
+def _keyword(instruction: str) -> str:
+    return instruction.split(" ", 1)[0].upper() if instruction else "STEP"
+
+
 def _public(inputs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in inputs.items() if not k.startswith("_")}
 
@@ -66,13 +70,18 @@ def explain(
         if base_change:
             return base_change
         return "parent step missed" if parent_missed else "first build of this step"
+    keyword = _keyword(instruction)
+    siblings = [r for r in siblings if _keyword(r.instruction) == keyword]  # another Dockerfile's step says nothing
+    if not siblings:
+        return base_change or ("parent step missed" if parent_missed else "first build of this step")
     mine = _public(inputs)
-    best = min(siblings, key=lambda r: (_distance(_public(r.inputs), mine), r.instruction != instruction))
+    best = min(siblings, key=lambda r: (r.instruction != instruction, _distance(_public(r.inputs), mine)))
     theirs = _public(best.inputs)
-    keyword = instruction.split(" ", 1)[0].upper() if instruction else "step"
     reasons: list[str] = []
     if best.instruction != instruction:
-        reasons.append(f"instruction changed: {best.instruction!r} → {instruction!r}")
+        if keyword == "ARG":
+            return "; ".join(_args(best.instruction.split()[1:], instruction.split()[1:])) or "ARG changed"
+        return f"instruction changed: {best.instruction!r} → {instruction!r}"
     for key in sorted(set(mine) | set(theirs)):
         old, new = theirs.get(key), mine.get(key)
         if old == new:
