@@ -100,7 +100,7 @@ def test_build_arg_and_base_image_changes_are_explained(
 ) -> None:
     ctx = _context(tmp_path, DOCKERFILE, FILES)
     _build(imgci, ctx, tmp_path)
-    _, cache, log = _build(imgci, ctx, tmp_path, "--build-arg", "VERSION=1.3")
+    _, cache, _ = _build(imgci, ctx, tmp_path, "--build-arg", "VERSION=1.3")
     misses = {s["step"]: s["reason"] for s in cache["steps"] if not s["cached"]}
     assert misses["[deps 2/4] ARG VERSION=1.2"] == "ARG VERSION: 1.2 → 1.3"
     # the final stage keys on the deps stage's key: a changed stage re-runs what copies from it
