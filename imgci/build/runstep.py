@@ -52,7 +52,9 @@ class RunStep:
         mounts = []
         for n, m in enumerate(i.mount_options):
             d = {k: v for k, v in m.items() if k != "source" or m.get("type") != "secret"}
-            if n in self.source_identity:
+            if n in self.mount_sources and self.mount_sources[n] in ws.states:
+                d["from"] = ws.states[self.mount_sources[n]].cache_key  # the source stage or image, by content
+            elif n in self.source_identity:
                 d["from"] = self.source_identity[n]
             mounts.append(d)
         for n, m in enumerate(i.mount_options):
