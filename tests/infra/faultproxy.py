@@ -19,6 +19,7 @@ The actions themselves live in :mod:`tests.infra.faults` and are re-exported her
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
 import socket
@@ -399,6 +400,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if rechunk else piece)
             sent += len(piece)
         if isinstance(action, ResetAfter):
+            # let the client read what was sent first: a RST discards data still unread in its receive buffer,
+            # and a loaded machine would otherwise make "reset after N bytes" a reset after 0 bytes
+            with contextlib.suppress(OSError):
+                self.wfile.flush()
+            time.sleep(0.3)
             self._reset()
         elif isinstance(action, TruncateBody):
             self.close_connection = True  # finish() then shuts the socket down cleanly
