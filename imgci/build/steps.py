@@ -68,6 +68,7 @@ class Workspace:
     secrets: dict[str, bytes] = field(default_factory=dict)  # --secret id -> value
     ssh: dict[str, str] = field(default_factory=dict)  # --ssh id -> agent socket path
     network: str = "default"  # --network: RUN's network unless the instruction sets one
+    fetched: dict[str, Any] = field(default_factory=dict)  # ADD <url|git> fetched for the cache key, by source
 
     @property
     def state_dir(self) -> Path:
@@ -376,6 +377,10 @@ class CopyStep:
 
         i = self.instruction
         inputs: dict[str, Any] = {"instruction": i.original, "from": self.source_identity, "workdir": state.workdir}
+        if isinstance(i, AddInstruction):
+            remote = {s: _fetch_remote(s, ws, i) for s in i.sources if "://" in s or s.startswith("git@")}
+            if remote:
+                inputs["remote"] = remote  # what the URL served / the commit a git ref resolved to, as BuildKit
         local = [s for s in i.sources if "://" not in s and not s.startswith("git@")]
         if not self.source_key and ws.context is not None and local:
             options = CopyOptions(excludes=tuple(i.excludes), parents=bool(getattr(i, "parents", False)))
@@ -395,7 +400,7 @@ class CopyStep:
                 sources: list[Source] = [Inline(c.path, c.data.encode()) for c in i.contents]
                 src_fs = self._src(ws)
                 for s in i.sources:
-                    sources.append(_add_source(s, scratch, i) if is_add else s)
+                    sources.append(_add_source(s, scratch, i, ws.fetched) if is_add else s)
                 options = CopyOptions(
                     chown=chown,
                     chmod=i.chmod,
@@ -431,18 +436,47 @@ def _copy_history(i: CopyInstruction | AddInstruction) -> str:
     return f"{i.keyword} {' '.join(i.sources)} {i.dest} # buildkit"
 
 
-def _add_source(src: str, scratch: Path, i: CopyInstruction | AddInstruction) -> Source:
+def _fetch_remote(src: str, ws: Workspace, i: AddInstruction) -> str:
+    """Fetch an ADD source once per build (kept in ``ws.fetched`` for execute) and say what it is by content."""
+    from imgci.build import remote
+
+    got: Any = ws.fetched.get(src)
+    kind = remote.classify(src)
+    if got is None:
+        dest = Path(tempfile.mkdtemp(prefix="fetch-", dir=ws.scratch))
+        if kind == "http":
+            got = remote.fetch_url(src, dest_dir=dest, checksum=getattr(i, "checksum", None))
+        elif kind == "git":
+            got = remote.clone_git(src, dest_dir=dest, keep_git_dir=getattr(i, "keep_git_dir", None))
+        else:
+            return ""
+        ws.fetched[src] = got
+    if kind == "http":
+        return f"{got.digest} {got.last_modified}"
+    return f"git {got.commit} {got.subdir}"
+
+
+def _add_source(
+    src: str, scratch: Path, i: CopyInstruction | AddInstruction, fetched: dict[str, Any] | None = None
+) -> Source:
     from imgci.build import remote
 
     kind = remote.classify(src)
+    got = (fetched or {}).get(src)
     if kind == "http":
-        download = remote.fetch_url(src, dest_dir=scratch, checksum=getattr(i, "checksum", None))
+        download = (
+            got if got is not None else remote.fetch_url(src, dest_dir=scratch, checksum=getattr(i, "checksum", None))
+        )
         if download.last_modified is None:  # no Last-Modified: BuildKit (and buildah) use mtime 0
             import os
 
             os.utime(download.path, (0, 0))
         return FromFS(download.fs(), download.filename, unpack=False)
     if kind == "git":
-        checkout = remote.clone_git(src, dest_dir=scratch, keep_git_dir=getattr(i, "keep_git_dir", None))
+        checkout = (
+            got
+            if got is not None
+            else remote.clone_git(src, dest_dir=scratch, keep_git_dir=getattr(i, "keep_git_dir", None))
+        )
         return FromFS(checkout.fs(), "", unpack=False)
     return src

@@ -96,6 +96,9 @@ def explain(
             reasons.extend(_args(old, new) or ["build args changed"])
         elif key == "sources":
             reasons.append(_files(keyword, dict(best.inputs.get("_files") or {}), dict(inputs.get("_files") or {})))
+        elif key == "remote" and isinstance(old, dict) and isinstance(new, dict):
+            changed = sorted(src for src in set(old) | set(new) if old.get(src) != new.get(src))
+            reasons.append(f"{keyword} remote source changed: {_names(changed)}")
         elif key == "from":
             reasons.append(f"{keyword} --from source changed")
         elif key == "mounts":

@@ -160,3 +160,30 @@ def test_failed_build_keeps_what_succeeded_and_prune_honours_the_cache(
     assert imgci.run("fsck").returncode == 0
     err = imgci.fails("prune", "--filter", "since=1h", code=2)
     assert "until=DURATION" in err
+
+
+def test_add_url_is_keyed_on_what_the_server_sends(imgci: Imgci, busybox: str, tmp_path: Path) -> None:
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "data.txt").write_text("one\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/data.txt"
+        ctx = _context(tmp_path, f"ARG BASE\nFROM $BASE\nADD {url} /data.txt\nRUN cat /data.txt > /copy\n")
+        _build(imgci, ctx, tmp_path)
+        _, cache, _ = _build(imgci, ctx, tmp_path)
+        assert cache["misses"] == 0
+        (served / "data.txt").write_text("two\n")
+        _, cache, _ = _build(imgci, ctx, tmp_path)
+        reasons = [s["reason"] for s in cache["steps"] if not s["cached"]]
+        assert reasons[0] == f"ADD remote source changed: {url}"
+        assert len(reasons) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
