@@ -2,8 +2,10 @@
 
 Contract: every flag is validated before anything is built; the image goes into the local store under each
 ``-t`` name (``--output type=image``, the default) and to every other ``--output``; ``--iidfile`` gets the
-manifest digest and ``--metadata-file`` buildx's keys. Progress goes to stderr; stdout carries only the
-image digest (``--quiet``) or an archive (``--output type=oci|docker,dest=-``).
+manifest digest and ``--metadata-file`` buildx's keys. ``--cache-from`` importers go to the builder in the order
+given; after the outputs every ``--cache-to`` exporter runs, a failure being a warning unless its spec says
+``ignore-error=false``. Progress goes to stderr; stdout carries only the image digest (``--quiet``) or an archive
+(``--output type=oci|docker,dest=-``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from imgci.errors import UsageError
+from imgci.errors import ImgciError, UsageError
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -44,6 +46,21 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="run every step of this stage, reuse the cache elsewhere (repeatable)",
     )
     p.add_argument("--pull", action="store_true", help="always pull base images, even when in the local store")
+    p.add_argument(
+        "--cache-from",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="import a build cache: REF | type=registry,ref=REF | type=local,src=DIR (repeatable; tried in order)",
+    )
+    p.add_argument(
+        "--cache-to",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="export the build cache: type=registry,ref=REF | type=local,dest=DIR[,max-size=SIZE] | type=inline "
+        "[,mode=min|max][,ignore-error=true|false] (repeatable)",
+    )
     p.add_argument(
         "-o",
         "--output",
@@ -168,6 +185,48 @@ def _cache_line(summary: dict[str, Any]) -> str:
     return line
 
 
+def _export_caches(
+    specs: list[Any],
+    result: Any,
+    store: Any,
+    client_factory: Any,
+    *,
+    mount_from: list[str],
+    compression: str,
+    quiet: bool,
+) -> None:
+    """Run every ``--cache-to`` exporter after the build, best effort: a failure is a warning unless the spec
+    says ``ignore-error=false`` (then the build fails, naming the cache). Layers are exported as built: a
+    ``compression=`` other than the build's ``--compression`` is noted, not applied."""
+    from imgci.cache.backends import fetcher, make_exporter
+
+    if result.cache is None:
+        return
+    for spec in specs:
+        exporter = make_exporter(
+            spec, client_factory=client_factory, mount_from=mount_from, on_note=lambda m: print(m, file=sys.stderr)
+        )
+        if exporter is None:  # type=inline: the builder put the records in the image config
+            continue
+        if spec.compression != compression or spec.extra.get("force-compression") == "true":
+            print(
+                f"note: cache export to {exporter.describe()}: compression={spec.compression} is not applied; "
+                f"layers are exported as built (--compression {compression})",
+                file=sys.stderr,
+            )
+        records = result.cache.records_for_export(spec.mode, result.state.cache_key)
+        try:
+            done = exporter.export(records, store, fetcher(result.cache))
+        except ImgciError as e:
+            message = f"cache export to {exporter.describe()} failed: {e.message}"
+            if not spec.ignore_error:
+                raise ImgciError(message, hint=e.hint or "ignore-error=true makes this a warning") from None
+            print(f"warning: {message}", file=sys.stderr)
+            continue
+        if not quiet:
+            print(done.summary(), file=sys.stderr)
+
+
 def _labels(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -199,6 +258,10 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
         outputs.insert(0, parse_output("type=image"))
     if any(o.type == "image" and o.push for o in outputs) and not tags and not any(o.names for o in outputs):
         raise UsageError("--push needs a name: add -t NAME")
+    from imgci.cache.backends import make_importer, parse_cache_from, parse_cache_to
+
+    cache_from = [parse_cache_from(s) for s in args.cache_from]
+    cache_to = [parse_cache_to(s) for s in args.cache_to]
     build_args = _build_args(args.build_arg)
     epoch_text = os.environ.get("SOURCE_DATE_EPOCH") or build_args.get("SOURCE_DATE_EPOCH")
     try:
@@ -230,8 +293,13 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
         network=args.network,
         no_cache=args.no_cache,
         no_cache_filter=[f for item in args.no_cache_filter for f in item.split(",") if f],
+        inline_cache=any(spec.type == "inline" for spec in cache_to),
     )
     progress = BuildProgress("quiet" if args.quiet else (args.progress or "auto"))
+    request.cache_importers = [
+        make_importer(spec, client_factory=client_factory, platform=request.platform, on_note=progress.note)
+        for spec in cache_from
+    ]
     solver = Solver(
         max_workers=max(2, os.cpu_count() or 2),
         on_event=progress.event,
@@ -260,6 +328,16 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
                 client_factory=client_factory,
             )
         )
+    mount_from = [spec.location for spec in cache_from if spec.type == "registry"] + tags
+    _export_caches(
+        cache_to,
+        result,
+        store,
+        client_factory,
+        mount_from=mount_from,
+        compression=args.compression,
+        quiet=args.quiet,
+    )
     digest = result.descriptor.digest.value
     if args.iidfile:
         Path(args.iidfile).write_text(digest)

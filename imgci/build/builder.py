@@ -51,7 +51,7 @@ from imgci.build.dockerfile import (
     resolve_mount_from,
     stages_needed,
 )
-from imgci.build.image import DEFAULT_PATH, ImageState, Layer, assemble
+from imgci.build.image import DEFAULT_PATH, INLINE_CACHE_KEY, ImageState, Layer, assemble
 from imgci.build.resolver import ImageResolver, ResolvedImage
 from imgci.build.runstep import RunStep
 from imgci.build.solver import RunContext, Solver, Vertex
@@ -63,7 +63,6 @@ from imgci.oci import Descriptor, Manifest, Platform
 from imgci.store import Store
 
 STEP_TYPE = "imgci.step.v1"
-INLINE_CACHE_KEY = "imgci.cache.v1"  # top-level image config field: [CacheRecord JSON, ...] of the final chain
 
 
 @dataclass

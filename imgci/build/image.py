@@ -28,6 +28,8 @@ from imgci.oci import (
 from imgci.store import Store
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+INLINE_CACHE_KEY = "imgci.cache.v1"  # top-level config field of an image built with --cache-to type=inline
+NOT_INHERITED = (INLINE_CACHE_KEY,)  # a base image's own build cache says nothing about the image built on it
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class ImageState:
     def from_image(cls, cfg: ImageConfig, layers: list[Layer], name: str, digest: str) -> ImageState:
         doc = cfg.doc
         section = copy.deepcopy(doc.get("config") or {})
-        extra = {k: v for k, v in doc.items() if k not in _KNOWN_TOP_LEVEL}
+        extra = {k: v for k, v in doc.items() if k not in _KNOWN_TOP_LEVEL and k not in NOT_INHERITED}
         return cls(
             platform=cfg.platform,
             config=section,

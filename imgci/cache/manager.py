@@ -113,10 +113,15 @@ class BuildCache:
                 continue
             if record is None:
                 continue
+            remote = [d for d, _ in record.layers if not self.store.claim(d.digest)]
             with self._lock:
-                for d, _ in record.layers:
-                    if not self.store.claim(d.digest):
-                        self._pending.setdefault(d.digest, (importer, d, key))
+                for d in remote:
+                    self._pending.setdefault(d.digest, (importer, d, key))
+            if not remote:  # nothing to fetch (a metadata step, or layers the store has): keep it locally now
+                try:
+                    self.local.put(record)
+                except ImgciError as e:
+                    self.on_warning(f"cannot record an imported cache entry locally: {e.message}")
             return record, importer.describe()
         return None, ""
 
@@ -176,6 +181,8 @@ class BuildCache:
     def miss(self, key: str, parent: str, *, stage: str, name: str, instruction: str, inputs: dict[str, Any]) -> str:
         if self.disabled:
             reason = "--no-cache"
+        elif key in self.poisoned:
+            reason = "the cached layer could not be fetched from the imported cache"
         elif stage.lower() in self.no_cache_stages:
             reason = f"--no-cache-filter {stage}"
         else:
