@@ -328,12 +328,17 @@ class LayerStore:
         return self._held_path(diff_id, result.descriptor)
 
     def _install_locked(self, diff_id: Digest, extracted: tuple[Path, LayerIndex]) -> None:
-        if self.is_unpacked(diff_id):
-            # Already there (maybe held by us: our shared lock would block our own exclusive one).
-            _remove_tree(extracted[0])
-            return
-        fd = self._flock(diff_id, exclusive=True)
-        assert fd is not None  # blocking
+        # Never block on the exclusive lock: a shared holder means the layer is installed (shared locks are only
+        # kept on unpacked layers), and it may be another thread of this very process, which holds it until close()
+        # — two steps writing the same layer at once would wait for each other for ever. Poll instead.
+        while True:
+            if self.is_unpacked(diff_id):
+                _remove_tree(extracted[0])
+                return
+            fd = self._flock(diff_id, exclusive=True, blocking=False)
+            if fd is not None:
+                break
+            time.sleep(0.02)
         try:
             self._install(diff_id, extracted)
         finally:
