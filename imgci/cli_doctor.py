@@ -13,9 +13,11 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imgci.build.sandbox.probe import Probes, choose, run_probes
+if TYPE_CHECKING:
+    from imgci.build.sandbox.probe import Probes
+
 from imgci.errors import SandboxError
 
 
@@ -45,6 +47,8 @@ def scratch_dir(state: str | None) -> Path:
 
 def doctor_report(probes: Probes, isolation: str = "auto", backend: str = "auto", scratch: str = "") -> dict[str, Any]:
     """The report as plain data (what ``--format json`` prints): probes with their status, the choice or the error."""
+    from imgci.build.sandbox.probe import choose
+
     choice: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     try:
@@ -99,6 +103,8 @@ def render_text(report: dict[str, Any]) -> str:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     scratch = scratch_dir(args.state)
+    from imgci.build.sandbox.probe import run_probes
+
     report = doctor_report(run_probes(scratch), args.isolation, args.backend, str(scratch))
     if args.format == "json":
         print(json.dumps(report, indent=2))
