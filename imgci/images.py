@@ -182,6 +182,8 @@ def disk_usage(store: Store) -> list[UsageRecord]:
             short = rec.name
         with contextlib.suppress(ImgciError):
             _describe_tree(store, rec.digest, rec.media_type, short, describe)
+    for (value,) in store._db().execute("SELECT DISTINCT digest FROM cache_blobs").fetchall():
+        describe.setdefault(Digest(value), "build cache")  # kept until `prune --keep-storage/--filter/--all`
     keep = store.reachable(store.roots())
     rows = []
     for d in store.iter_blobs():
