@@ -31,14 +31,15 @@ import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgci.build.fs import FileInfo, LayerEntry
 from imgci.build.tarwriter import BLK, CHR, DIR, FIFO, LNK, REG, SYM, AsyncSink, BufferSink, TarRecord, TarWriter
-from imgci.compression import CompressingWriter, layer_media_type
 from imgci.errors import BuildError
 from imgci.oci import Descriptor, Digest
-from imgci.store import Store
+
+if TYPE_CHECKING:  # the sandbox child writes tars with this module and needs neither the store nor compression
+    from imgci.store import Store
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -258,6 +259,8 @@ def write_layer(
     ``tee`` also receives the uncompressed tar stream (e.g. to unpack the layer in the same pass); it must not
     keep the buffers it is given. ``threaded`` runs compression and the blob write in a worker thread.
     """
+    from imgci.compression import CompressingWriter, layer_media_type
+
     media_type = layer_media_type(compression)
     planned = plan_entries(entries, source_date_epoch)
     with store.blob_writer() as blob:
@@ -297,6 +300,8 @@ def write_layer_tar(
     The tar must already be in final form (see :func:`write_tar`); ``tee`` also receives it. Returns the layer's
     descriptor and diff_id (``entry_count`` is reported as given).
     """
+    from imgci.compression import CompressingWriter, layer_media_type
+
     media_type = layer_media_type(compression)
     with store.blob_writer() as blob:
         if compression == "none":

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from imgci.build.sandbox.spec import LayerRef
-from imgci.compression import HashingReader, open_decompressed
 from imgci.errors import CorruptArchiveError, DigestMismatchError
 from imgci.layerfs import ApplyStats, _Applier, whiteout_victim
 from imgci.oci import Digest
@@ -137,6 +136,8 @@ def _copy_fd(src: int, dst: int) -> None:
 
 
 def _apply_blob(applier: _Applier, layer: LayerRef) -> None:
+    from imgci.compression import HashingReader, open_decompressed  # only when a snapshot is made
+
     digest, diff_id = Digest(layer.digest), Digest(layer.diff_id)
     with open(layer.blob, "rb") as raw:
         packed = HashingReader(raw, digest.algorithm)
