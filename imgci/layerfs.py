@@ -45,7 +45,7 @@ from imgci.errors import (
     StorageFullError,
     UnsafeArchiveError,
 )
-from imgci.oci import ImageConfig, Manifest
+from imgci.oci import Digest, ImageConfig, Manifest
 from imgci.rootdir import RootDir, lstat_at, relpath
 from imgci.store import Store
 from imgci.tarstream import BLK, CHR, FIFO, LNK, SYM, TarEntry, TarReader, safe_parts
@@ -422,6 +422,36 @@ def extract_layer_dir(
     return applier.stats
 
 
+def consume_verified_layer(
+    raw: Readable,
+    digest: Digest,
+    diff_id: Digest,
+    consume: Callable[[Readable], object],
+    *,
+    expected_by: str = "the image config says",
+) -> None:
+    """Feed the decompressed stream of layer blob ``raw`` to ``consume``, then check the blob's digest and the
+    stream's (``diff_id``); DigestMismatchError on a difference (after ``consume`` ran: discard what it made)."""
+    packed = HashingReader(raw, digest.algorithm)
+    unpacked = HashingReader(open_decompressed(packed), diff_id.algorithm)
+    consume(unpacked)
+    unpacked.drain()
+    packed.drain()
+    if packed.digest != digest:
+        raise DigestMismatchError(
+            f"layer blob {digest} in the store hashes to {packed.digest}",
+            expected=digest.value,
+            actual=packed.digest.value,
+            hint="run `imgci fsck`",
+        )
+    if unpacked.digest != diff_id:
+        raise DigestMismatchError(
+            f"layer {digest.short}: uncompressed content hashes to {unpacked.digest}, but {expected_by} {diff_id}",
+            expected=diff_id.value,
+            actual=unpacked.digest.value,
+        )
+
+
 def unpack_image(store: Store, manifest: Manifest, target: Path, *, unprivileged: bool | None = None) -> ApplyStats:
     """Apply every layer of ``manifest`` in order into ``target`` (which must be empty or not exist yet).
 
@@ -448,25 +478,7 @@ def unpack_image(store: Store, manifest: Manifest, target: Path, *, unprivileged
     try:
         for layer, diff_id in zip(manifest.layers, diff_ids, strict=True):
             with store.open_blob(layer.digest) as raw:
-                packed = HashingReader(raw, layer.digest.algorithm)
-                unpacked = HashingReader(open_decompressed(packed), diff_id.algorithm)
-                applier.apply(unpacked)
-                unpacked.drain()
-                packed.drain()
-            if packed.digest != layer.digest:
-                raise DigestMismatchError(
-                    f"layer blob {layer.digest} in the store hashes to {packed.digest}",
-                    expected=layer.digest.value,
-                    actual=packed.digest.value,
-                    hint="run `imgci fsck`",
-                )
-            if unpacked.digest != diff_id:
-                raise DigestMismatchError(
-                    f"layer {layer.digest.short}: uncompressed content hashes to {unpacked.digest}, "
-                    f"but the image config says {diff_id}",
-                    expected=diff_id.value,
-                    actual=unpacked.digest.value,
-                )
+                consume_verified_layer(raw, layer.digest, diff_id, applier.apply)
         applier.finish()
     finally:
         applier.close()

@@ -41,9 +41,9 @@ from imgci.build.layer import HashSink, LayerResult, Tee, plan_entries, write_la
 from imgci.build.layerindex import LayerIndex, LayerIndexBuilder
 from imgci.build.tarwriter import TarPipe
 from imgci.build.union import MergedTree, UnionView, lookup_group, lookup_user
-from imgci.compression import HashingReader, open_decompressed
-from imgci.errors import DigestMismatchError, ImgciError, StoreError
-from imgci.layerfs import extract_layer_dir
+from imgci.compression import Readable
+from imgci.errors import ImgciError, StoreError
+from imgci.layerfs import consume_verified_layer, extract_layer_dir
 from imgci.oci import Descriptor, Digest
 from imgci.store import Store
 
@@ -161,25 +161,11 @@ class LayerStore:
 
     def _unpack_blob(self, descriptor: Descriptor, diff_id: Digest) -> None:
         def extract(tmp: Path, builder: LayerIndexBuilder) -> None:
+            def consume(stream: Readable) -> None:
+                extract_layer_dir(stream, tmp / "root", builder.record, unprivileged=self.unprivileged)
+
             with self.store.open_blob(descriptor.digest) as raw:
-                packed = HashingReader(raw, descriptor.digest.algorithm)
-                unpacked = HashingReader(open_decompressed(packed), diff_id.algorithm)
-                extract_layer_dir(unpacked, tmp / "root", builder.record, unprivileged=self.unprivileged)
-                unpacked.drain()
-                packed.drain()
-            if packed.digest != descriptor.digest:
-                raise DigestMismatchError(
-                    f"layer blob {descriptor.digest} in the store hashes to {packed.digest}",
-                    expected=descriptor.digest.value,
-                    actual=packed.digest.value,
-                    hint="run `imgci fsck`",
-                )
-            if unpacked.digest != diff_id:
-                raise DigestMismatchError(
-                    f"layer {descriptor.digest.short}: uncompressed content hashes to {unpacked.digest}, not {diff_id}",
-                    expected=diff_id.value,
-                    actual=unpacked.digest.value,
-                )
+                consume_verified_layer(raw, descriptor.digest, diff_id, consume, expected_by="its diff_id is")
 
         self._install(diff_id, self._extract_to_tmp(extract))
 

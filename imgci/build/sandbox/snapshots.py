@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from imgci.build.sandbox.spec import LayerRef
-from imgci.errors import CorruptArchiveError, DigestMismatchError
-from imgci.layerfs import ApplyStats, _Applier, whiteout_victim
+from imgci.errors import CorruptArchiveError
+from imgci.layerfs import ApplyStats, _Applier, consume_verified_layer, whiteout_victim
 from imgci.oci import Digest
 from imgci.rootdir import relpath
 from imgci.tarstream import TarEntry, safe_parts
@@ -136,19 +136,10 @@ def _copy_fd(src: int, dst: int) -> None:
 
 
 def _apply_blob(applier: _Applier, layer: LayerRef) -> None:
-    from imgci.compression import HashingReader, open_decompressed  # only when a snapshot is made
-
-    digest, diff_id = Digest(layer.digest), Digest(layer.diff_id)
     with open(layer.blob, "rb") as raw:
-        packed = HashingReader(raw, digest.algorithm)
-        unpacked = HashingReader(open_decompressed(packed), diff_id.algorithm)
-        applier.apply(unpacked)
-        unpacked.drain()
-        packed.drain()
-    if packed.digest != digest:
-        raise DigestMismatchError(f"layer blob {digest} hashes to {packed.digest}", expected=digest.value)
-    if unpacked.digest != diff_id:
-        raise DigestMismatchError(f"layer {digest.short} unpacks to {unpacked.digest}, not {diff_id}")
+        consume_verified_layer(
+            raw, Digest(layer.digest), Digest(layer.diff_id), applier.apply, expected_by="its diff_id is"
+        )
 
 
 def ensure_snapshot(
