@@ -402,7 +402,7 @@ class Builder:
                 elif isinstance(instr, WorkdirInstruction):
                     step = S.WorkdirStep(instr)
                 elif isinstance(instr, CopyInstruction | AddInstruction):
-                    step, src_vertex = self._copy_step(df, instr, platform, done, context_id, cache.attempt)
+                    step, src_vertex = self._copy_step(df, instr, platform, done, cache.attempt)
                     if src_vertex is not None:
                         inputs.append(src_vertex)
                     extra["from"] = step.source_identity
@@ -428,7 +428,6 @@ class Builder:
         instr: CopyInstruction | AddInstruction,
         platform: Platform,
         done: dict[int, _StageInfo],
-        context_id: str,
         attempt: int,
     ) -> tuple[S.CopyStep, Vertex | None]:
         if not isinstance(instr, CopyInstruction) or instr.from_ is None:

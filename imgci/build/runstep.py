@@ -84,7 +84,7 @@ class RunStep:
     # -- running ----------------------------------------------------------------------------------------------
     def execute(self, state: ImageState, ws: Any) -> ImageState:
         from imgci.build.sandbox.launcher import RunFailed, RunRequest
-        from imgci.build.sandbox.spec import LayerRef, ProcessSpec
+        from imgci.build.sandbox.spec import ProcessSpec
 
         i = self.instruction
         where: dict[str, Any] = {"file": i.location.file, "line": i.location.start}
@@ -92,12 +92,12 @@ class RunStep:
             raise BuildError("RUN --security=insecure is not supported: imgci runs RUN unprivileged", **where)
         try:
             view = ws.view(state, "the image")
-            uid, gid, groups, home = resolve_run_user(view, state.user)
+            uid, gid, home = resolve_run_user(view, state.user)
             args, pipe_file = self.command(state)
             values = [f"{n}={v}" for n, v in self.args if v is not None]  # an ARG without a value is not set
             env = _process_env(state, values, home)
             files = [(f"/dev/pipes/{pipe_file[0]}", pipe_file[1].encode().hex(), 0o755)] if pipe_file else []
-            process = ProcessSpec(args=args, env=env, uid=uid, gid=gid, groups=groups, cwd=state.workdir, files=files)
+            process = ProcessSpec(args=args, env=env, uid=uid, gid=gid, cwd=state.workdir, files=files)
             with contextlib.ExitStack() as stack:
                 mounts, secret_values = self._mounts(ws, stack, process)
                 request = RunRequest(
@@ -125,7 +125,6 @@ class RunStep:
             raise type(e)(e.detail, hint=e.hint, **where) from None
         except ImgciError as e:
             raise BuildError(e.message, hint=e.hint, **where) from None
-        _ = LayerRef
         layer = Layer(outcome.result.descriptor, outcome.result.diff_id)
         return state.with_layer(layer).with_history(self.history_text(state), empty_layer=False, created=ws.created)
 
@@ -252,7 +251,6 @@ def _filtered_copy(context: Any, rel: str, scratch: Path) -> Path:
 
     out = Path(tempfile.mkdtemp(prefix="ctx-", dir=scratch))
     root = Path(os.path.abspath(context.root))
-    base = root / rel if rel else root
     prefix = f"{rel}/" if rel else ""
     for info in walk(context, rel):
         dest = out / info.path[len(prefix) :]
@@ -267,7 +265,6 @@ def _filtered_copy(context: Any, rel: str, scratch: Path) -> Path:
                 os.link(src, dest, follow_symlinks=False)
             except OSError:
                 shutil.copy2(src, dest, follow_symlinks=False)
-    del base
     return out
 
 
@@ -347,32 +344,30 @@ def _cache_dir(state_dir: Path, cache_id: str, sharing: str, check: Callable[[],
         os.close(fd)
 
 
-def resolve_run_user(view: SourceFS, user: str) -> tuple[int, int, list[int], str]:
-    """(uid, gid, supplementary gids, home) for USER ``user`` in the image's own /etc/passwd and /etc/group, as
-    BuildKit resolves it: a name must exist; a number need not (gid 0, home ``/``; no USER is uid 0, so an image
-    without /etc/passwd runs as root); an explicit group wins. No supplementary groups, as BuildKit."""
+def resolve_run_user(view: SourceFS, user: str) -> tuple[int, int, str]:
+    """(uid, gid, home) for USER ``user`` in the image's own /etc/passwd and /etc/group, as BuildKit resolves it: a
+    name must exist; a number need not (gid 0, home ``/``; no USER is uid 0, so an image without /etc/passwd runs
+    as root); an explicit group wins. BuildKit (20.10's runc executor) sets no supplementary groups, nor does imgci."""
     name, _, group = (user or "0").partition(":")
     passwd = _read_table(view, "etc/passwd")
-    groups_table = _read_table(view, "etc/group")
     row = next((r for r in passwd if len(r) >= 6 and (r[0] == name or (name.isdigit() and r[2] == name))), None)
     if row is None:
         if not name.isdigit():
             raise BuildError(f"unable to find user {name}: no matching entries in passwd file")
-        uid, gid, home, user_name = int(name), 0, "/", ""
+        uid, gid, home = int(name), 0, "/"
     else:
         if not (row[2].isdigit() and row[3].isdigit()):
             raise BuildError(f"user {name!r} has a malformed entry in /etc/passwd")
-        uid, gid, home, user_name = int(row[2]), int(row[3]), row[5] or "/", row[0]
+        uid, gid, home = int(row[2]), int(row[3]), row[5] or "/"
     if group:
         if group.isdigit():
             gid = int(group)
         else:
-            g = next((r for r in groups_table if len(r) >= 3 and r[0] == group), None)
+            g = next((r for r in _read_table(view, "etc/group") if len(r) >= 3 and r[0] == group), None)
             if g is None or not g[2].isdigit():
                 raise BuildError(f"unable to find group {group}: no matching entries in group file")
             gid = int(g[2])
-    del user_name  # BuildKit (20.10's runc executor) sets no supplementary groups from /etc/group
-    return uid, gid, [], home
+    return uid, gid, home
 
 
 def _read_table(view: SourceFS, path: str) -> list[list[str]]:
