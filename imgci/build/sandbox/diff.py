@@ -222,7 +222,7 @@ def diff_upper(upper: Path, lowers: list[Path], flavor: str) -> list[LayerEntry]
     stats: dict[str, os.stat_result] = {}
     key = opaque_xattr(flavor)
     hiding: set[str] = set()  # directories whose lower contents are hidden (opaque, or re-created inside one)
-    view = _LowerView(lowers)
+    view = LowerView(lowers)
     for path, st in _walk(upper):
         stats[path] = st
         parent = path.rpartition("/")[0]
@@ -285,7 +285,7 @@ def _same_content(a: Path, b: Path) -> bool:
                 return True
 
 
-class _LowerView:
+class LowerView:
     """The merged lower directories of an overlay, looked up one directory at a time (cached)."""
 
     def __init__(self, lowers: list[Path]) -> None:

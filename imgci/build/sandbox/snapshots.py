@@ -95,23 +95,11 @@ class OverlayLayerApplier(_Applier):
 
 
 def _find_in_lowers(lowers: list[Path], path: str) -> Path | None:
-    """A regular file at ``path`` in the first lower that has it, walking without following symlinks."""
-    for lower in lowers:
-        parts = path.split("/")
-        cur = lower
-        ok = True
-        for comp in parts[:-1]:
-            st = lstat_or_none(cur / comp)
-            if st is None or not stat.S_ISDIR(st.st_mode):
-                ok = False
-                break
-            cur = cur / comp
-        if not ok:
-            continue
-        st = lstat_or_none(cur / parts[-1])
-        if st is not None and stat.S_ISREG(st.st_mode):
-            return cur / parts[-1]
-    return None
+    """The regular file the merged lowers have at ``path`` (whiteouts and opaque directories honoured)."""
+    from imgci.build.sandbox.diff import LowerView
+
+    found = LowerView(lowers).lstat(path)
+    return found[1] if found is not None and stat.S_ISREG(found[0].st_mode) else None
 
 
 def lstat_or_none(path: Path) -> os.stat_result | None:
