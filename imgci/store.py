@@ -105,7 +105,8 @@ def default_root() -> Path:
     return base / "imgci"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create in directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -193,7 +194,7 @@ class BlobWriter:
                 os.chmod(self._tmp, 0o644)
                 with self._store.writer_lock():
                     os.replace(self._tmp, final)
-                    _fsync_dir(final.parent)
+                    fsync_dir(final.parent)
                     self._store._record_blob(actual, self.size)
             except OSError as e:
                 raise _translate_oserror(e, f"blob {actual}") from None

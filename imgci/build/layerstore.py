@@ -45,7 +45,7 @@ from imgci.compression import Readable
 from imgci.errors import ImgciError, StoreError
 from imgci.layerfs import consume_verified_layer, extract_layer_dir
 from imgci.oci import Descriptor, Digest
-from imgci.store import Store
+from imgci.store import Store, fsync_dir
 
 __all__ = ["LayerIndex", "LayerStore", "UnionView", "UnpackedLayer", "lookup_group", "lookup_user"]
 
@@ -195,11 +195,7 @@ class LayerStore:
         if final.exists():
             _remove_tree(final)  # a layer dir without its index: left by an older, interrupted removal
         os.rename(tmp, final)
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.root)
         with self._lock:
             self.unpack_count += 1
             self._indexes[diff_id] = index

@@ -30,6 +30,7 @@ from imgci.cache.backends.artifact import (
 from imgci.cache.records import CacheRecord
 from imgci.errors import DigestMismatchError, ImgciError, StoreError
 from imgci.oci import Descriptor, Digest
+from imgci.store import fsync_dir
 
 TMP_PREFIX = ".tmp-"
 _READ = 1 << 20
@@ -152,14 +153,6 @@ class CacheDir:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_cache_entry(entry: Any) -> bool:

@@ -44,11 +44,11 @@ from imgci.cache.backends.artifact import (
     records_document,
 )
 from imgci.cache.backends.base import ExportResult, Fetch, Note, drop_unavailable, obtain
-from imgci.cache.backends.layout import TMP_PREFIX, CacheDir, file_chunks, fsync_dir, is_cache_entry
+from imgci.cache.backends.layout import TMP_PREFIX, CacheDir, file_chunks, is_cache_entry
 from imgci.cache.records import CacheRecord
 from imgci.errors import BlobNotFoundError, DigestMismatchError, ImgciError, StoreError
 from imgci.oci import INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST, Descriptor, Digest
-from imgci.store import Store
+from imgci.store import Store, fsync_dir
 
 
 def _quiet(message: str) -> None:
