@@ -29,7 +29,7 @@ import hashlib
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -259,31 +259,14 @@ def write_layer(
     ``tee`` also receives the uncompressed tar stream (e.g. to unpack the layer in the same pass); it must not
     keep the buffers it is given. ``threaded`` runs compression and the blob write in a worker thread.
     """
-    from imgci.compression import CompressingWriter, layer_media_type
-
-    media_type = layer_media_type(compression)
     planned = plan_entries(entries, source_date_epoch)
-    with store.blob_writer() as blob:
-        if compression == "none":
-            # No compressor: the blob writer's own hash is both digest and diff_id (one sha256 pass, not three).
-            writer = write_tar(planned, blob if tee is None else Tee(blob, tee), threaded=threaded)
-            digest = blob.commit()
-            diff_id, size, raw_size = digest, blob.size, blob.size
-        else:
-            # Two stages when threaded: compression (+ both hashes) in one worker, the blob write in another.
-            out = AsyncSink(blob) if threaded else None
-            compressing = CompressingWriter(blob if out is None else out, compression, level)
-            try:
-                writer = write_tar(planned, compressing if tee is None else Tee(compressing, tee), threaded=threaded)
-                digests = compressing.finish()
-            finally:
-                if out is not None:
-                    out.close(abort=sys.exc_info()[0] is not None)
-            digest = blob.commit()
-            if digest != digests.digest:  # cannot happen unless the blob writer saw other bytes
-                raise BuildError(f"layer blob hashes to {digest} but {digests.digest} was compressed")
-            diff_id, size, raw_size = digests.diff_id, digests.size, digests.uncompressed_size
-    return LayerResult(Descriptor(media_type, digest, size), diff_id, raw_size, writer.entries, source_date_epoch)
+    counted: list[int] = []
+
+    def feed(sink: BufferSink) -> None:
+        counted.append(write_tar(planned, sink, threaded=threaded).entries)
+
+    descriptor, diff_id, raw_size = _store_tar(store, feed, compression, level, tee, threaded)
+    return LayerResult(descriptor, diff_id, raw_size, counted[0], source_date_epoch)
 
 
 def write_layer_tar(
@@ -300,30 +283,45 @@ def write_layer_tar(
     The tar must already be in final form (see :func:`write_tar`); ``tee`` also receives it. Returns the layer's
     descriptor and diff_id (``entry_count`` is reported as given).
     """
+
+    def feed(sink: BufferSink) -> None:
+        while chunk := stream.read(1 << 20):
+            sink.write(memoryview(chunk))
+
+    descriptor, diff_id, raw_size = _store_tar(store, feed, compression, level, tee, True)
+    return LayerResult(descriptor, diff_id, raw_size, entry_count)
+
+
+def _store_tar(
+    store: Store,
+    feed: Callable[[BufferSink], None],
+    compression: str,
+    level: int | None,
+    tee: BufferSink | None,
+    threaded: bool,
+) -> tuple[Descriptor, Digest, int]:
+    """The blob of the tar ``feed`` writes into the sink it is given: (descriptor, diff_id, uncompressed size)."""
     from imgci.compression import CompressingWriter, layer_media_type
 
     media_type = layer_media_type(compression)
     with store.blob_writer() as blob:
         if compression == "none":
-            while chunk := stream.read(1 << 20):
-                blob.write(chunk)
-                if tee is not None:
-                    tee.write(memoryview(chunk))
+            # No compressor: the blob writer's own hash is both digest and diff_id (one sha256 pass, not three).
+            feed(blob if tee is None else Tee(blob, tee))
             digest = blob.commit()
             diff_id, size, raw_size = digest, blob.size, blob.size
         else:
-            out = AsyncSink(blob)
-            compressing = CompressingWriter(out, compression, level)
+            # Two stages when threaded: compression (+ both hashes) in one worker, the blob write in another.
+            out = AsyncSink(blob) if threaded else None
+            compressing = CompressingWriter(blob if out is None else out, compression, level)
             try:
-                while chunk := stream.read(1 << 20):
-                    compressing.write(chunk)
-                    if tee is not None:
-                        tee.write(memoryview(chunk))
+                feed(compressing if tee is None else Tee(compressing, tee))
                 digests = compressing.finish()
             finally:
-                out.close(abort=sys.exc_info()[0] is not None)
+                if out is not None:
+                    out.close(abort=sys.exc_info()[0] is not None)
             digest = blob.commit()
-            if digest != digests.digest:
+            if digest != digests.digest:  # cannot happen unless the blob writer saw other bytes
                 raise BuildError(f"layer blob hashes to {digest} but {digests.digest} was compressed")
             diff_id, size, raw_size = digests.diff_id, digests.size, digests.uncompressed_size
-    return LayerResult(Descriptor(media_type, digest, size), diff_id, raw_size, entry_count)
+    return Descriptor(media_type, digest, size), diff_id, raw_size
