@@ -13,7 +13,6 @@ import contextlib
 import os
 import stat
 from pathlib import Path
-from typing import Any
 
 from imgci.build.sandbox import libc
 from imgci.build.sandbox.spec import ChildSpec, MountSpec
@@ -85,7 +84,7 @@ class Rootfs:
         created: list[str] = []
         root = RootDir(self.path, on_mkdir=created.append)
         try:
-            self._remember_parents(root, parts)
+            self._remember_parents(parts)
             opened = root.walk(parts[:-1], create=True, follow=True, entry=target)
             assert opened is not None
             fd, names = opened
@@ -109,7 +108,7 @@ class Rootfs:
             self.stubs.append((path, os.path.isdir(self.path / path) and not os.path.islink(self.path / path)))
         return rel
 
-    def _remember_parents(self, root: Any, parts: list[str]) -> None:
+    def _remember_parents(self, parts: list[str]) -> None:
         for n in range(len(parts) + 1):  # the target itself too: placements add files into existing directories
             rel = "/".join(parts[:n])
             if rel in self.parent_times:
