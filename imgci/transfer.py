@@ -22,6 +22,7 @@ module never prints.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -145,7 +146,8 @@ def _parallel(items: Iterable[T], fn: Callable[[T], None], workers: int) -> None
             fn(item)
         return
     with ThreadPoolExecutor(max_workers=min(workers, len(todo)), thread_name_prefix="imgci-transfer") as pool:
-        futures: list[Future[None]] = [pool.submit(fn, item) for item in todo]
+        # each task runs in a copy of the caller's context: a retry listener (imgci.registry.retry.listen) follows
+        futures: list[Future[None]] = [pool.submit(contextvars.copy_context().run, fn, item) for item in todo]
         try:
             wait(futures, return_when=FIRST_EXCEPTION)
         except BaseException:  # Ctrl-C: start nothing new; running transfers end with their current request

@@ -59,10 +59,12 @@ from imgci.cache.keys import base_key, step_key
 from imgci.cache.manager import BuildCache, CacheBlobUnavailable
 from imgci.cache.records import delta
 from imgci.errors import BuildError, DockerfileError, ImgciError, UsageError
-from imgci.oci import Descriptor, Manifest, Platform
+from imgci.oci import OCI_CONFIG, OCI_MANIFEST, Descriptor, Digest, Manifest, Platform
 from imgci.store import Store
 
 STEP_TYPE = "imgci.step.v1"
+IMAGE_KEY_TYPE = "imgci.image.v1"
+IMAGE_KEY_LABEL = "dev.imgci.image-key"  # recorded in the config when BuildRequest.record_key (imgci run does)
 
 
 @dataclass
@@ -87,6 +89,8 @@ class BuildRequest:
     no_cache_filter: list[str] = field(default_factory=list)
     cache_importers: list[Any] = field(default_factory=list)  # imgci.cache.manager.Importer, in --cache-from order
     inline_cache: bool = False  # --cache-to type=inline: the final chain's cache records in the image config
+    label: str = ""  # names this build in the solver's events (a matrix entry), see Solver.solve
+    record_key: bool = False  # put the image key in the config's labels (IMAGE_KEY_LABEL)
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,23 @@ class BuildResult:
     steps: int
     duration: float
     cache: Any = None  # imgci.cache.manager.BuildCache of this build
+    image_key: str = ""  # see image_key()
+
+
+def image_key(final_step_key: str, req: BuildRequest) -> str:
+    """The identity of the image a request produces: its last step's cache key (which roots in the base image
+    digests, the platform, every instruction and every input's content) plus what is applied after the steps.
+    Equal keys mean the same image, so ``imgci run`` can skip a build whose key the registry's image carries."""
+    doc = {
+        "type": IMAGE_KEY_TYPE,
+        "final": final_step_key,
+        "labels": dict(sorted(req.labels.items())),
+        "compression": req.compression,
+        "docker_media_types": req.docker_media_types,
+        "inline_cache": req.inline_cache,
+        "source_date_epoch": req.source_date_epoch,
+    }
+    return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass
@@ -199,6 +220,34 @@ class Builder:
                     context.close()
         raise AssertionError("unreachable")
 
+    def compute_key(self, req: BuildRequest) -> str:
+        """The :func:`image_key` ``req`` would produce, without building: every step's cache key is computed from
+        its parent's key, its instruction and its inputs (context file digests, base image digests — resolved,
+        which may ask the registry for a manifest — and source stage keys), and nothing is run or stored."""
+        start = time.monotonic()
+        path, text = self._dockerfile(req)
+        dockerfile = parse_dockerfile(text, str(path))
+        platform = (req.platform or Platform.host()).normalized()
+        predefined = predefined_args(platform, Platform.host())
+        order = stages_needed(dockerfile, req.target, req.build_args, predefined=predefined)
+        scope = ArgScope(dockerfile, req.build_args, predefined)
+        from imgci.build.context import BuildContext
+
+        context = BuildContext(
+            req.context,
+            dockerfile=None if req.dockerfile_text is not None else path,
+            cache_dir=self.store.root / "cache" / "context",
+        )
+        cache = BuildCache(self.store, importers=[], disabled=True, on_warning=lambda m: None)
+        cache.attempt = 0  # vertex keys of their own: a key computation never shares a vertex with a real build
+        try:
+            result = self._build_once(
+                req, dockerfile, path, order, scope, platform, context, cache, start, keys_only=True
+            )
+        finally:
+            context.close()
+        return result.image_key
+
     def _build_once(
         self,
         req: BuildRequest,
@@ -210,6 +259,8 @@ class Builder:
         context: Any,
         cache: BuildCache,
         start: float,
+        *,
+        keys_only: bool = False,
     ) -> BuildResult:
         epoch = req.source_date_epoch
         created = _rfc3339(epoch if epoch is not None else time.time())
@@ -233,15 +284,33 @@ class Builder:
             count = 0
             for index in order:
                 stages[index], n = self._convert_stage(
-                    dockerfile, index, scope, platform, stages, ws, str(req.context), cache
+                    dockerfile, index, scope, platform, stages, ws, str(req.context), cache, keys_only
                 )
                 count += n
             final_info = stages[order[-1]]
-            state: ImageState = self.solver.solve([final_info.vertex])[0]
+            state: ImageState = self.solver.solve([final_info.vertex], label=req.label)[0]
+            if keys_only:
+                names = [dockerfile.stages[i].display_name for i in order]
+                key = image_key(state.cache_key, req)
+                empty = Manifest.build(Descriptor(OCI_CONFIG, Digest.of(b"{}"), 2), [])
+                return BuildResult(
+                    empty,
+                    Descriptor(OCI_MANIFEST, Digest.of(empty.raw), len(empty.raw)),
+                    state,
+                    str(path),
+                    names,
+                    count,
+                    time.monotonic() - start,
+                    None,
+                    key,
+                )
             cache.ensure(state.layers)  # the image in the store is complete: fetch what cache hits left remote
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         context.close()
+        key = image_key(state.cache_key, req)
+        if req.record_key:
+            state = state.with_config(Labels={**(state.config.get("Labels") or {}), IMAGE_KEY_LABEL: key})
         if req.labels:
             labels = dict(state.config.get("Labels") or {})
             labels.update(req.labels)
@@ -255,7 +324,7 @@ class Builder:
             self.store, state, created=max(stamps) if stamps else created, docker_media_types=req.docker_media_types
         )
         names = [dockerfile.stages[i].display_name for i in order]
-        return BuildResult(manifest, desc, state, str(path), names, count, time.monotonic() - start, cache)
+        return BuildResult(manifest, desc, state, str(path), names, count, time.monotonic() - start, cache, key)
 
     def _sandbox_factory(self, req: BuildRequest) -> Callable[[], Any]:
         """The RUN sandbox, probed and made on first use (a build without RUN never probes)."""
@@ -319,6 +388,7 @@ class Builder:
         ws: S.Workspace,
         context_id: str,
         cache: BuildCache,
+        keys_only: bool = False,
     ) -> tuple[_StageInfo, int]:
         stage = df.stages[index]
         from_ = stage.from_.expand(scope.global_values)
@@ -417,7 +487,7 @@ class Builder:
             key = _key(parent.key, _instruction_identity(raw), extra, str(platform))
             name = f"[{label} {pos}/{total}] {_display(raw)}"
             identity = _instruction_identity(raw)
-            runner = self._runner(step, ws, cache, identity, str(platform), label, raw)
+            runner = self._runner(step, ws, cache, identity, str(platform), label, raw, keys_only)
             parent = Vertex(key=key, name=name, run=runner, inputs=inputs, data=raw)
         info = _StageInfo(parent, cfg_env, stage_onbuild)
         return info, len(instructions)
@@ -513,6 +583,7 @@ class Builder:
         platform: str,
         stage: str,
         instr: Instruction,
+        keys_only: bool = False,
     ) -> Callable[[RunContext, list[Any]], Any]:
         shown = _display(instr)
 
@@ -536,6 +607,8 @@ class Builder:
                 step_inputs["from"] = src_state.cache_key  # what the source stage or image is, by content
             public = {k: v for k, v in step_inputs.items() if not k.startswith("_")}
             key = step_key(parent.cache_key, json.dumps(identity, sort_keys=True, default=str), public, platform)
+            if keys_only:
+                return _config_only(step, parent, local).evolve(cache_key=key)
             record = cache.lookup(key, stage=stage, name=ctx.vertex.name)
             if record is not None:
                 ctx.cached = True
@@ -553,6 +626,17 @@ class Builder:
             return result.evolve(cache_key=key)
 
         return run
+
+
+def _config_only(step: Any, parent: ImageState, ws: S.Workspace) -> ImageState:
+    """What a step does to the config, for a key computation: the later steps' keys read ENV, WORKDIR and USER
+    from it; file system steps leave it as it was (their history entries do not matter to any key)."""
+    if isinstance(step, S.WorkdirStep):
+        return parent.with_config(WorkingDir=step.target(parent))
+    if isinstance(step, S.CopyStep | RunStep):
+        return parent
+    result: ImageState = step.execute(parent, ws)  # the other steps change the config only
+    return result
 
 
 def _without_onbuild(ctx: RunContext, inputs: list[Any]) -> ImageState:

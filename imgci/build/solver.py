@@ -39,6 +39,7 @@ class VertexEvent:
     duration: float = 0.0
     error: str = ""
     cached: bool = False
+    labels: tuple[str, ...] = ()  # the labels of the solves that want this vertex (see Solver.solve)
 
 
 class RunContext:
@@ -121,6 +122,7 @@ class Solver:
         self._on_log = on_log or (lambda v, line: None)
         self._cancelled_sessions: set[int] = set()
         self._next_session = 0
+        self._labels: dict[int, str] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -132,10 +134,14 @@ class Solver:
         self.close()
 
     # -- public ---------------------------------------------------------------------------------------------
-    def solve(self, targets: Sequence[Vertex]) -> list[Any]:
+    def solve(self, targets: Sequence[Vertex], *, label: str = "") -> list[Any]:
+        """Run what ``targets`` need; ``label`` names this solve in the events of its vertices (e.g. a matrix
+        entry), so a caller running several solves at once can tell whose work an event was."""
         with self._lock:
             session = self._next_session
             self._next_session += 1
+            if label:
+                self._labels[session] = label
         futures = [self._ensure(v, session, set()) for v in targets]
         first_error: list[BaseException] = []
         done = threading.Event()
@@ -187,7 +193,7 @@ class Solver:
                 return job.future
             job = _Job(vertex, sessions={session})
             self._jobs[vertex.key] = job
-        self._emit("queued", vertex)
+        self._emit("queued", vertex, job)
         input_futures = [self._ensure(i, session, visiting | {vertex.key}) for i in vertex.inputs]
         if not input_futures:
             self._submit(job)
@@ -241,13 +247,13 @@ class Solver:
             job.started = True
         inputs = [self._jobs_result(i) for i in job.vertex.inputs]
         start = time.monotonic()
-        self._emit("started", job.vertex)
+        self._emit("started", job.vertex, job)
         try:
             result = job.vertex.run(job.ctx, inputs)
         except BaseException as e:
             self._fail(job, e, duration=time.monotonic() - start, emit=True)
             return
-        self._emit("done", job.vertex, duration=time.monotonic() - start, cached=job.ctx.cached)
+        self._emit("done", job.vertex, job, duration=time.monotonic() - start, cached=job.ctx.cached)
         job.future.set_result(result)
 
     def _jobs_result(self, vertex: Vertex) -> Any:
@@ -260,7 +266,7 @@ class Solver:
             return
         if emit:
             kind: EventKind = "cancelled" if isinstance(exc, Cancelled) else "failed"
-            self._emit(kind, job.vertex, duration=duration, error=str(exc))
+            self._emit(kind, job.vertex, job, duration=duration, error=str(exc))
         job.future.set_exception(exc)
 
     def _cancel_session(self, session: int) -> None:
@@ -276,9 +282,18 @@ class Solver:
                 self._fail(job, Cancelled(f"{job.vertex.name}: cancelled"), emit=True)
 
     def _emit(
-        self, kind: EventKind, vertex: Vertex, *, duration: float = 0.0, error: str = "", cached: bool = False
+        self,
+        kind: EventKind,
+        vertex: Vertex,
+        job: _Job,
+        *,
+        duration: float = 0.0,
+        error: str = "",
+        cached: bool = False,
     ) -> None:
+        with self._lock:
+            labels = tuple(sorted({self._labels[s] for s in job.sessions if s in self._labels}))
         try:
-            self._on_event(VertexEvent(kind, vertex.key, vertex.name, time.time(), duration, error, cached))
+            self._on_event(VertexEvent(kind, vertex.key, vertex.name, time.time(), duration, error, cached, labels))
         except Exception:  # a broken progress printer must not break the build
             pass

@@ -3,7 +3,8 @@
 Contract: only a :class:`RegistryError` with ``temporary=True`` is retried, and only while the caller says the
 operation can be replayed; waits are exponential with jitter, or what ``Retry-After`` asks (capped); the loop stops
 after ``attempts`` tries or before a wait would take it past ``max_elapsed`` seconds. The error that escapes says
-how many attempts were made.
+how many attempts were made. Each retry is also told to the :func:`listen`-er of the current context (a push in
+``imgci run`` counts its retries that way; worker threads inherit the listener through ``contextvars``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -42,6 +45,46 @@ class RetryPolicy:
             return max(0.0, min(retry_after, self.max_retry_after))
         base = min(self.max_backoff, self.initial_backoff * (2 ** max(0, attempt - 1)))
         return max(0.0, base * (1 + random.uniform(-self.jitter, self.jitter)))
+
+
+@dataclass(frozen=True)
+class RetryEvent:
+    """One failed attempt that will be retried: ``reason`` is short (``HTTP 503``, ``connection reset``)."""
+
+    reason: str
+    message: str
+    attempt: int  # the attempt that failed, 1-based
+    delay: float  # seconds until the next one
+    digest: str = ""  # the blob or manifest concerned, when known
+
+
+_listener: ContextVar[Callable[[RetryEvent], None] | None] = ContextVar("imgci_retry_listener", default=None)
+
+
+@contextmanager
+def listen(callback: Callable[[RetryEvent], None]) -> Iterator[None]:
+    """Call ``callback`` for every retry made in this context (and in threads started with a copy of it)."""
+    token = _listener.set(callback)
+    try:
+        yield
+    finally:
+        _listener.reset(token)
+
+
+def notify(e: BaseException, attempt: int, delay: float) -> None:
+    """Tell the current listener, if any, that ``e`` failed attempt ``attempt`` and a retry follows."""
+    callback = _listener.get()
+    if callback is None:
+        return
+    if isinstance(e, RegistryError):
+        reason = f"HTTP {e.status}" if e.status else (e.message.rsplit(": ", 1)[-1] or type(e).__name__)
+        event = RetryEvent(reason[:80], e.message, attempt, delay, e.digest)
+    else:
+        event = RetryEvent(type(e).__name__, str(e), attempt, delay)
+    try:
+        callback(event)
+    except Exception:  # a broken listener must not break the transfer
+        pass
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -95,6 +138,8 @@ def run_with_retries(
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         delay = state.next_action.sleep if state.next_action is not None else 0.0
+        if exc is not None:
+            notify(exc, state.attempt_number, delay)
         log.info("%s (attempt %d of %d, retrying in %.1fs)", exc, state.attempt_number, policy.attempts, delay)
 
     if policy.attempts <= 1:

@@ -23,7 +23,7 @@ from urllib.parse import urljoin
 from imgci.errors import RegistryError, RegistryProtocolError
 from imgci.oci import Descriptor
 from imgci.registry.responses import Operation
-from imgci.registry.retry import annotate
+from imgci.registry.retry import annotate, notify
 
 if TYPE_CHECKING:
     import requests
@@ -100,6 +100,7 @@ class BlobUpload:
             if isinstance(e, _SessionLost):
                 raise RegistryError(e.message, **self.op.fields(self.transport.registry), status=e.status) from None
             raise e
+        notify(e, self.attempts, wait)
         self.attempts += 1
         self.transport.sleep(wait)
 
