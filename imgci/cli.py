@@ -575,6 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("logout", cmd_logout, "Log out from a registry.")
     p.add_argument("server", nargs="?", metavar="SERVER")
 
+    from imgci.cli_run import add_parsers as add_run
+
+    add_run(sub, common)
+
     from imgci.cli_doctor import add_parser as add_doctor
 
     add_doctor(sub, common)
@@ -583,8 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from imgci.cli_run import implicit_run
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    commands = {
+        name for action in parser._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices
+    }
+    args = parser.parse_args(implicit_run(list(sys.argv[1:] if argv is None else argv), commands))
     defaults: tuple[tuple[str, Any], ...] = (
         ("state", None),
         ("debug", False),

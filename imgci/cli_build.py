@@ -249,7 +249,8 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
 
     context = Path(args.context)
     if not context.is_dir():
-        raise UsageError(f"build context {context} is not a directory")
+        hint = f"to run a build file: imgci run {context}" if context.suffix in (".yaml", ".yml") else None
+        raise UsageError(f"build context {context} is not a directory", hint=hint)
     tags = [str(reference.parse(t)) for t in args.tag]
     outputs = [parse_output(o) for o in args.output]
     if args.push:

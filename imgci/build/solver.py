@@ -172,6 +172,15 @@ class Solver:
             raise first_error[0]
         return [f.result() for f in futures]
 
+    def cancel_all(self) -> None:
+        """Cancel every solve in progress (e.g. a matrix entry failed and the others should stop): vertices not
+        started will not start, running ones see ``ctx.cancelled``; each ``solve`` raises :class:`Cancelled`
+        unless it fails otherwise first."""
+        with self._lock:
+            sessions = set(range(self._next_session))
+        for session in sorted(sessions - self._cancelled_sessions):
+            self._cancel_session(session)
+
     # -- scheduling -----------------------------------------------------------------------------------------
     def _ensure(self, vertex: Vertex, session: int, visiting: set[str]) -> Future[Any]:
         if vertex.key in visiting:
