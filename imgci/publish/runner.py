@@ -471,15 +471,19 @@ class MatrixRun:
                 self.out.write(run.log.getvalue())
                 self.out.flush()
                 self.reporter.end_entry(rep)
-            else:
-                self.err.write(f"=> {rep.label}: {what}\n")
-                self.err.flush()
+            lines = [] if self.buffered else [f"=> {rep.label}: {what}"]
             if rep.error is not None:
                 self.reporter.annotate_error(rep.error, title=f"imgci: {rep.label}")
                 if not self.buffered or not rep.error.file:
-                    self.err.write(f"error: {rep.label}: {_located(rep.error)}\n")
+                    lines.append(f"error: {rep.label}: {_located(rep.error)}")
                     if rep.error.hint:
-                        self.err.write(f"hint: {rep.error.hint}\n")
+                        lines.append(f"hint: {rep.error.hint}")
+            for line in lines:
+                if self._live is not None:
+                    self._live.note(line)  # above the live view, which redraws below it
+                else:
+                    self.err.write(line + "\n")
+            self.err.flush()
 
     def _say(self, line: str) -> None:
         with self._print_lock:
