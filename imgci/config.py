@@ -455,11 +455,21 @@ def _json_entry(entry: Entry) -> dict[str, Any]:
     }
 
 
+_GITLAB_LOGIN = (
+    'if [ -n "${CI_REGISTRY_PASSWORD:-}" ]; then printf \'%s\\n\' "$CI_REGISTRY_PASSWORD" | '
+    'python -m imgci login "$CI_REGISTRY" -u "$CI_REGISTRY_USER" --password-stdin; fi'
+)
+
+
 def _gitlab_job(entry: Entry, config_arg: str) -> dict[str, Any]:
+    """A self-contained child-pipeline job: the same login, per-entry cache and artifacts as the include
+    template's ``.imgci`` job (a child pipeline cannot rely on the parent's includes)."""
     return {
-        "image": "$IMGCI_IMAGE",
+        "image": {"name": "$IMGCI_IMAGE", "entrypoint": [""]},
         "variables": {"IMGCI_ONLY": entry.id},
-        "script": [f"python -m imgci run {_shell_word(config_arg)} --only {_shell_word(entry.id)}"],
+        "before_script": [_GITLAB_LOGIN],
+        "script": [f"python -m imgci run {_shell_word(config_arg)} --only {_shell_word(entry.id)} $IMGCI_ARGS"],
+        "cache": {"key": f"imgci-{entry.id}-$CI_COMMIT_REF_SLUG", "paths": [".imgci-cache/"]},
         "artifacts": {
             "reports": {"dotenv": "imgci.env"},
             "paths": ["imgci-metadata.json", "imgci-summary.md"],

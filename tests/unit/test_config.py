@@ -593,9 +593,13 @@ def test_plan_document_gitlab(tmp_path: Path) -> None:
     doc = yaml.safe_load(plan_document(load(tmp_path, EXAMPLE), "gitlab", config_arg="ci/build.yaml"))
     assert list(doc) == ["imgci: app-3.11", "imgci: app-3.12", "imgci: docs"]
     job = doc["imgci: app-3.12"]
-    assert job["image"] == "$IMGCI_IMAGE"
+    assert job["image"] == {"name": "$IMGCI_IMAGE", "entrypoint": [""]}
     assert job["variables"] == {"IMGCI_ONLY": "app-3.12"}
-    assert job["script"] == ["python -m imgci run ci/build.yaml --only app-3.12"]
+    assert job["script"] == ["python -m imgci run ci/build.yaml --only app-3.12 $IMGCI_ARGS"]
+    # the password reaches imgci login on stdin only, never a command line
+    (login,) = job["before_script"]
+    assert "--password-stdin" in login and "$CI_REGISTRY_PASSWORD" in login.split("|")[0]
+    assert job["cache"] == {"key": "imgci-app-3.12-$CI_COMMIT_REF_SLUG", "paths": [".imgci-cache/"]}
     assert job["artifacts"] == {
         "reports": {"dotenv": "imgci.env"},
         "paths": ["imgci-metadata.json", "imgci-summary.md"],
