@@ -35,8 +35,10 @@ from imgci.errors import (
     BlobNotFoundError,
     DigestMismatchError,
     ImgciError,
+    InvalidDigestError,
     PlatformError,
     RegistryError,
+    RegistryProtocolError,
     StoreCorruptError,
 )
 from imgci.oci import INDEX_TYPES, Descriptor, Digest, ImageConfig, Index, Manifest, Platform, parse_manifest_or_index
@@ -44,7 +46,7 @@ from imgci.reference import Reference
 from imgci.store import Store
 
 if TYPE_CHECKING:
-    from imgci.registry.client import RegistryClient
+    from imgci.registry.client import FetchedManifest, RegistryClient
 
 ClientFactory = Callable[[str], "RegistryClient"]
 T = TypeVar("T")
@@ -192,7 +194,7 @@ def pull_image(
     index_raw: bytes | None = None
     chosen_platform: Platform | None = None
     if top.media_type in INDEX_TYPES:
-        index = Index.parse(top.raw, top.media_type)
+        index = _parse_remote(Index.parse, top, ref)
         chosen = index.select(wanted)
         chosen_platform = chosen.platform
         fetched = client.get_manifest(ref.with_digest(chosen.digest))
@@ -202,11 +204,11 @@ def pull_image(
                 expected=str(chosen.size),
                 actual=str(len(fetched.raw)),
             )
-        manifest = Manifest.parse(fetched.raw, fetched.media_type)
+        manifest = _parse_remote(Manifest.parse, fetched, ref)
         manifest_desc = Descriptor(manifest.media_type, chosen.digest, chosen.size, chosen.platform)
         index_raw = top.raw
     else:
-        manifest = Manifest.parse(top.raw, top.media_type)
+        manifest = _parse_remote(Manifest.parse, top, ref)
         manifest_desc = Descriptor(manifest.media_type, top.digest, len(top.raw))
     report("resolved", name, f"{ref.familiar()}: resolved to {top.digest}", digest=top.digest.value)
 
@@ -227,7 +229,15 @@ def pull_image(
         on_bytes(0)
         with store.blob_writer(desc.digest, desc.size) as writer:
             client.fetch_blob(ref.repository, desc, writer, progress=on_bytes)
-            writer.commit()
+            try:
+                writer.commit()
+            except DigestMismatchError as e:
+                # the store's message knows the bytes, not where they came from: name the registry and repository
+                raise DigestMismatchError(
+                    f"fetch blob {ref.registry}/{ref.repository}@{desc.digest}: {e.message}",
+                    expected=e.expected,
+                    actual=e.actual,
+                ) from None
         with lock:
             counts["bytes"] += desc.size
             counts["blobs"] += 1
@@ -258,6 +268,21 @@ def pull_image(
         downloaded_blobs=counts["blobs"],
         skipped_blobs=counts["skipped"],
     )
+
+
+def _parse_remote(parse: Callable[[bytes, str], T], fetched: FetchedManifest, ref: Reference) -> T:
+    """Parse a document the registry sent. A malformed one (e.g. a descriptor whose digest is ``sha256:../x``,
+    which Digest refuses before any path or URL is built from it) is a RegistryProtocolError naming the registry,
+    the repository and the document's digest: the bare parse error does not say where the document came from."""
+    try:
+        return parse(fetched.raw, fetched.media_type)
+    except (InvalidDigestError, RegistryProtocolError) as e:
+        raise RegistryProtocolError(
+            f"pull manifest {ref.registry}/{ref.repository}@{fetched.digest}: {e.message}",
+            registry=ref.registry,
+            repository=ref.repository,
+            digest=fetched.digest.value,
+        ) from None
 
 
 def _check_platform(

@@ -295,6 +295,16 @@ class RegistryClient:
                     )
             elif written:
                 skip = written  # the server ignored Range: drop what we already have
+            announced = _announced_size(resp)
+            if announced is not None and announced != size:
+                # A size the descriptor does not have is wrong content, not a broken connection: refuse it before
+                # reading (as go-containerregistry does), instead of retrying with a Range past the blob's end.
+                raise DigestMismatchError(
+                    f"{op.describe(self.registry)}: the registry sends a blob of {announced} bytes, "
+                    f"{'more' if announced > size else 'fewer'} than the declared {size} bytes",
+                    expected=str(size),
+                    actual=str(announced),
+                )
             for chunk in resp.iter_content(_READ_SIZE):
                 if skip:
                     if len(chunk) <= skip:
@@ -392,6 +402,18 @@ class RegistryClient:
         raise RegistryProtocolError(
             f"{op.describe(self.registry)}: more than {_MAX_TAG_PAGES} pages of tags", **op.fields(self.registry)
         )
+
+
+def _announced_size(resp: requests.Response) -> int | None:
+    """The whole blob's size as the answer states it: a 206's ``Content-Range`` total, or a 200's
+    ``Content-Length`` when no ``Content-Encoding`` changes what it counts; None when it does not say."""
+    if resp.status_code == 206:
+        m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+        return int(m.group(3)) if m is not None and m.group(3) != "*" else None
+    if resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+        return None
+    length = resp.headers.get("Content-Length", "").strip()
+    return int(length) if length.isdigit() else None
 
 
 def _manifest_op(action: str, ref: Reference) -> Operation:

@@ -88,12 +88,24 @@ def status_error(
     headers: Mapping[str, str],
     *,
     username: str = "",
+    other_host: str = "",
 ) -> RegistryError:
-    """The RegistryError for a response with an unexpected ``status``."""
+    """The RegistryError for a response with an unexpected ``status``; ``other_host`` names the host that answered
+    when it is not the registry (an upload Location or a redirect elsewhere)."""
     detail = oci_error_detail(body) or reason
     what = op.describe(registry)
     message = f"{what}: HTTP {status}" + (f" {detail}" if detail else "")
     common: dict[str, Any] = {**op.fields(registry), "status": status}
+    if status == 401 and other_host:
+        # The registry's credentials were withheld from that host on purpose (see transport), so "imgci login"
+        # would not help: say who asked, and that it must accept the transfer without them.
+        return AuthenticationError(
+            f"{what}: {other_host}, where the registry sent this request, asks for credentials: HTTP 401 "
+            f"{detail}".rstrip(),
+            **common,
+            hint=f"imgci sends the credentials for {registry} to {registry} only; the registry's storage "
+            "redirect must carry its own authorisation (e.g. a signed URL)",
+        )
     if status == 401:
         who = f" as {username}" if username else " (no credentials)"
         return AuthenticationError(

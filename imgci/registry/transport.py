@@ -292,7 +292,12 @@ class Transport:
                 body = next(resp.iter_content(_ERROR_BODY_LIMIT), b"")
             except (requests.exceptions.RequestException, OSError):
                 body = b""  # best effort: the status alone still makes a good error
-        creds = self.auth.credentials() if resp.status_code == 401 else None
+        # A 401 from another host (an upload Location, a redirect) is not about the user's credentials: none went
+        # there. (``_base`` directly, not ``base_url``: this also runs inside the probe, which holds the probe lock.)
+        other_host = ""
+        if resp.status_code == 401 and resp.url and self._base is not None and _netloc(resp.url) != _netloc(self._base):
+            other_host = urlsplit(resp.url).netloc
+        creds = self.auth.credentials() if resp.status_code == 401 and not other_host else None
         return status_error(
             self.registry,
             op,
@@ -301,6 +306,7 @@ class Transport:
             body,
             resp.headers,
             username=creds.username if creds is not None else "",
+            other_host=other_host,
         )
 
     # -- requests -------------------------------------------------------------------------------------------

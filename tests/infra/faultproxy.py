@@ -7,12 +7,16 @@ Contract:
   upstream connection per request. Bodies stream both ways; chunked request bodies are forwarded chunked.
   Headers pass through except hop-by-hop ones; ``Host`` is the upstream's; absolute ``Location`` headers
   pointing at the upstream are rewritten to the proxy's own address. Upstream failures answer 502.
+  ``upstream_headers`` (optional) are set on every forwarded request, replacing the client's headers of the
+  same names: a storage front end that authorises to the registry with credentials of its own.
 * ``add_fault(method, path, times, action)`` appends a rule. For each request the first rule whose method
   (None = any) and path regex (``re.search`` on the request target, i.e. path *and* query string) match and
   which has firings left fires once (``times=None`` never runs out). Actions: :func:`status`,
-  :func:`reset_after`, :func:`corrupt_body`, :func:`truncate_body`, :func:`delay`.
+  :func:`reset_after`, :func:`corrupt_body`, :func:`truncate_body`, :func:`delay`, :func:`relocate`,
+  :func:`drop_answer`.
 * ``requests`` lists ``(method, target, status)`` for every request, recorded before the client receives
   anything (status None when the connection was dropped before a status line); ``count()`` filters it.
+  ``headers_seen`` lists the headers of every request as the client sent them (:class:`HeaderRecord`).
 
 The actions themselves live in :mod:`tests.infra.faults` and are re-exported here.
 """
@@ -29,6 +33,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -37,14 +42,20 @@ from tests.infra.faults import (
     Action,
     CorruptBody,
     Delay,
+    DropAnswer,
     FaultRule,
+    HeaderRecord,
+    Relocate,
     RequestRecord,
     ResetAfter,
     Status,
     TruncateBody,
     corrupt_body,
     delay,
+    drop_answer,
     flip_bytes,
+    relocate,
+    relocated,
     reset_after,
     status,
     truncate_body,
@@ -55,9 +66,12 @@ __all__ = [
     "Action",
     "FaultProxy",
     "FaultRule",
+    "HeaderRecord",
     "RequestRecord",
     "corrupt_body",
     "delay",
+    "drop_answer",
+    "relocate",
     "reset_after",
     "status",
     "truncate_body",
@@ -96,7 +110,14 @@ class _Server(ThreadingHTTPServer):
 class FaultProxy:
     """The proxy; started by the constructor. ``url``/``host`` are its address; ``stop()`` or ``with``."""
 
-    def __init__(self, upstream_url: str, *, ca_path: str | Path | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        upstream_url: str,
+        *,
+        ca_path: str | Path | None = None,
+        timeout: float = 60.0,
+        upstream_headers: Mapping[str, str] | None = None,
+    ) -> None:
         upstream = urllib.parse.urlsplit(upstream_url)
         if upstream.scheme not in ("http", "https") or not upstream.hostname:
             raise ValueError(f"upstream must be an http(s) URL, got {upstream_url!r}")
@@ -107,9 +128,11 @@ class FaultProxy:
         if upstream.scheme == "https":
             self._ssl = ssl.create_default_context(cafile=str(ca_path) if ca_path else None)
         self.timeout = timeout
+        self.upstream_headers = dict(upstream_headers or {})
         self._lock = threading.Lock()
         self._rules: list[FaultRule] = []
         self._records: list[RequestRecord] = []
+        self._header_records: list[HeaderRecord] = []
         self._connections: set[socket.socket] = set()
 
         handler = type("_Handler", (_ProxyHandler,), {"proxy": self})
@@ -148,6 +171,16 @@ class FaultProxy:
         with self._lock:
             self._records.append(RequestRecord(method, target, code))
 
+    def _record_headers(self, method: str, target: str, headers: dict[str, str]) -> None:
+        with self._lock:
+            self._header_records.append(HeaderRecord(method, target, headers))
+
+    @property
+    def headers_seen(self) -> list[HeaderRecord]:
+        """The headers of every request so far, as the client sent them, oldest first."""
+        with self._lock:
+            return list(self._header_records)
+
     @property
     def requests(self) -> list[RequestRecord]:
         """A snapshot of every request so far, oldest first."""
@@ -166,9 +199,10 @@ class FaultProxy:
         )
 
     def clear(self) -> None:
-        """Forget the recorded requests (rules stay)."""
+        """Forget the recorded requests and headers (rules stay)."""
         with self._lock:
             self._records.clear()
+            self._header_records.clear()
 
     # -- upstream ------------------------------------------------------------------------------------
 
@@ -305,6 +339,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _proxy_request(self) -> None:
         proxy, method, target = self.proxy, self.command, self.path
+        proxy._record_headers(method, target, dict(self.headers.items()))
         rule = proxy._take_rule(method, target)
         action = rule.action if rule else None
         if isinstance(action, Delay):
@@ -344,9 +379,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         try:
             conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
             conn.putheader("Host", proxy._upstream.netloc)
+            replaced = {name.lower() for name in proxy.upstream_headers}
             for name, value in self.headers.items():
-                if name.lower() not in _HOP_BY_HOP and name.lower() not in dropped:
+                if name.lower() not in _HOP_BY_HOP and name.lower() not in dropped and name.lower() not in replaced:
                     conn.putheader(name, value)
+            for name, value in proxy.upstream_headers.items():
+                conn.putheader(name, value)
             if chunked:
                 conn.putheader("Transfer-Encoding", "chunked")
             conn.endheaders()
@@ -370,6 +408,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self._relay(resp, method, target, action)
 
     def _relay(self, resp: http.client.HTTPResponse, method: str, target: str, action: Action | None) -> None:
+        if isinstance(action, DropAnswer):
+            self.proxy._record(method, target, None)  # the upstream answered resp.status; the client hears nothing
+            self._reset()
+            return
         length = resp.getheader("Content-Length")
         has_body = method != "HEAD" and resp.status not in (204, 304) and resp.status >= 200
         rechunk = has_body and length is None
@@ -380,6 +422,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 continue
             if name.lower() == "location":
                 value = self.proxy.rewrite_location(value)
+                if isinstance(action, Relocate):
+                    value = relocated(value, action.base)
             self.send_header(name, value)
         if rechunk:
             self.send_header("Transfer-Encoding", "chunked")

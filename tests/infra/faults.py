@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
+from urllib.parse import urlsplit, urlunsplit
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,22 @@ class Delay:
     seconds: float
 
 
-Action = Status | ResetAfter | CorruptBody | TruncateBody | Delay
+@dataclass(frozen=True)
+class Relocate:
+    """Forward normally, but point the answer's ``Location`` at ``base`` (``scheme://host:port``), keeping its
+    path and query: an upload session (or a redirect) that continues on another host, as with a registry whose
+    uploads go to a storage front end. Without a ``Location`` in the answer this is a plain forward."""
+
+    base: str
+
+
+@dataclass(frozen=True)
+class DropAnswer:
+    """Forward the request (the upstream acts on it), then reset the client connection instead of answering:
+    a request that went through but whose answer was lost."""
+
+
+Action = Status | ResetAfter | CorruptBody | TruncateBody | Delay | Relocate | DropAnswer
 
 
 def status(code: int, headers: dict[str, str] | None = None, body: bytes = b"") -> Status:
@@ -84,6 +100,16 @@ def delay(seconds: float) -> Delay:
     return Delay(seconds)
 
 
+def drop_answer() -> DropAnswer:
+    """Let the upstream handle the request, but never tell the client: a TCP RST instead of the status line."""
+    return DropAnswer()
+
+
+def relocate(base: str) -> Relocate:
+    """Forward, then move the answer's ``Location`` to ``base`` (e.g. another FaultProxy's ``url``)."""
+    return Relocate(base.rstrip("/"))
+
+
 @dataclass
 class FaultRule:
     """One rule; ``fired`` counts how often it has fired so far."""
@@ -105,6 +131,24 @@ class RequestRecord(NamedTuple):
     method: str
     path: str
     status: int | None
+
+
+class HeaderRecord(NamedTuple):
+    """The headers of one request as the client sent them (names as sent; compare case-insensitively)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+
+    def get(self, name: str) -> str | None:
+        """The value of header ``name`` (any case), or None."""
+        return next((v for k, v in self.headers.items() if k.lower() == name.lower()), None)
+
+
+def relocated(location: str, base: str) -> str:
+    """``location`` (absolute) with its scheme and host:port replaced by ``base``'s."""
+    loc, new = urlsplit(location), urlsplit(base)
+    return urlunsplit((new.scheme, new.netloc, loc.path, loc.query, loc.fragment))
 
 
 def flip_bytes(piece: bytes, start: int, action: CorruptBody) -> bytes:
