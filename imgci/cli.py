@@ -339,7 +339,23 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     target = Path(args.output or "rootfs").absolute()
     if target.exists() and any(target.iterdir()):
         raise UsageError(f"output directory {target} is not empty")
-    stats = unpack_image(store, manifest, target)
+    # A failure (a hostile layer, a full disk) leaves no half-written rootfs: what was unpacked is removed, and the
+    # target itself when this command made it (the parent directory is never written to otherwise).
+    from imgci.build.sandbox.snapshots import remove_tree
+
+    made = not target.exists()
+    try:
+        stats = unpack_image(store, manifest, target)
+    except BaseException:
+        if made:
+            remove_tree(target)
+        elif target.is_dir():
+            for child in list(target.iterdir()):
+                if child.is_dir() and not child.is_symlink():
+                    remove_tree(child)
+                else:
+                    child.unlink()
+        raise
     for w in getattr(stats, "warnings", []) or []:
         print(f"warning: {w}", file=sys.stderr)
     print(f"Successfully unpacked rootfs for {args.image} to: {target}")

@@ -123,9 +123,10 @@ class _Applier:
                 os.fchown(fd, e.uid, e.gid)
             else:
                 os.chown(name, e.uid, e.gid, dir_fd=dir_fd, follow_symlinks=False)
-        except OSError as err:
+        except (OSError, OverflowError) as err:  # OverflowError: an id outside uid_t (the tar allows int64)
             self.stats.chown_failures += 1
-            self._warn_once("chown", f"cannot set ownership ({err.strerror}), first on {e.name!r}")
+            reason = getattr(err, "strerror", None) or err
+            self._warn_once("chown", f"cannot set ownership ({reason}), first on {e.name!r}")
 
     def _xattrs(self, e: TarEntry, fd: int) -> None:
         for key, value in e.xattrs.items():
@@ -151,6 +152,8 @@ class _Applier:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise StorageFullError(f"no space left while extracting {entry.name!r}") from None
                 raise ArchiveError(f"cannot extract {entry.name!r}: {e.strerror or e}") from None
+            except OverflowError as e:  # an int64 device number or time the OS cannot hold (makedev, utime)
+                raise ArchiveError(f"cannot extract {entry.name!r}: {e}") from None
         reader.drain()
 
     def _entry(self, e: TarEntry, reader: TarReader) -> None:

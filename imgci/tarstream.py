@@ -7,10 +7,11 @@ Contract:
 - ustar, GNU (``L``/``K`` long names) and PAX (``x``) headers are understood; PAX ``g`` global headers and
   ``V`` volume labels are skipped; sparse and multi-volume entries raise :class:`ArchiveError`.
 - Anything malformed raises :class:`CorruptArchiveError`: a header with a bad checksum or bad number, a bad PAX
-  record length, a negative size, or a stream that ends inside a header, an extension or an entry's data (a
-  huge declared size on a short stream fails when the data runs out; nothing is allocated up front). Extension
-  headers are capped at 1 MiB each. A clean end of input at a header boundary ends the archive as a zero
-  block does (as Go's archive/tar does).
+  record length, a NUL in a PAX keyword, a number that does not fit in 64 bits, a PAX ``mtime`` that is not
+  ``[+-]SECONDS[.FRACTION]`` (Go's rules), a negative size, or a stream that ends inside a header, an extension or
+  an entry's data (a huge declared size on a short stream fails when the data runs out; nothing is allocated up
+  front). Extension headers are capped at 1 MiB each. A clean end of input at a header boundary ends the archive
+  as a zero block does (as Go's archive/tar does).
 - Where Python's tarfile and Go's archive/tar (which docker uses) disagree, this reader sides with Go, so that
   imgci never sees a different archive than docker would: a zero block followed by a non-zero block is an
   error; links, directories, devices and fifos have no data whatever their size field says; the ustar name
@@ -20,6 +21,7 @@ Contract:
 
 from __future__ import annotations
 
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +34,8 @@ MAX_DEPTH = 256  # path components; deeper names are refused (real images stay f
 _MAX_EXTENSION = 1 << 20
 _MAX_EXTENSIONS_PER_ENTRY = 16
 _CHUNK = 1 << 20
+_INT64 = 1 << 63  # Go's archive/tar (docker) refuses header and PAX numbers outside int64; so do we
+_PAX_TIME = re.compile(rb"[+-]?[0-9]+(\.[0-9]*)?")  # Go's parsePAXTime: no exponent, no "_", no inf/nan
 
 REG, AREG, CONT = tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE
 LNK, SYM, CHR, BLK, DIR, FIFO = (
@@ -107,6 +111,8 @@ def parse_pax(data: bytes) -> dict[str, bytes]:
         key, eq, value = data[space + 1 : end - 1].partition(b"=")
         if not eq or not key:
             raise CorruptArchiveError(f"bad PAX record at offset {pos}: no keyword")
+        if b"\x00" in key:  # Go's validPAXRecord refuses it; os.setxattr would raise ValueError on an xattr name
+            raise CorruptArchiveError(f"bad PAX record at offset {pos}: NUL in keyword")
         records[key.decode("utf-8", "surrogateescape")] = value
         pos = end
     return records
@@ -116,7 +122,7 @@ def _pax_int(records: dict[str, bytes], key: str) -> int | None:
     raw = records.get(key)
     if raw is None or raw == b"":
         return None
-    if not raw.isdigit():
+    if not raw.isdigit() or int(raw) >= _INT64:  # beyond int64, os.fchown etc. raise OverflowError
         raise CorruptArchiveError(f"bad PAX {key} value {raw[:40]!r}")
     return int(raw)
 
@@ -125,13 +131,10 @@ def _pax_float(records: dict[str, bytes], key: str) -> float | None:
     raw = records.get(key)
     if raw is None or raw == b"":
         return None
-    try:
-        value = float(raw.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        raise CorruptArchiveError(f"bad PAX {key} value {raw[:40]!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
+    # float() alone took "1e300" (OverflowError in os.utime), "1_000" and " 1 ", which Go refuses.
+    if not _PAX_TIME.fullmatch(raw) or not -_INT64 <= int(raw.split(b".")[0]) < _INT64:
         raise CorruptArchiveError(f"bad PAX {key} value {raw[:40]!r}")
-    return value
+    return float(raw)
 
 
 def _text(raw: bytes) -> str:
@@ -223,6 +226,10 @@ class TarReader:
             raise CorruptArchiveError(f"malformed tar header at offset {self.offset - BLOCK}: {e}") from None
         if info.size < 0:
             raise CorruptArchiveError(f"negative size in tar header at offset {self.offset - BLOCK}")
+        for what in ("size", "uid", "gid", "mtime", "devmajor", "devminor"):
+            # GNU base-256 fields reach 2**95; Go refuses what int64 cannot hold, and os.* would overflow.
+            if not -_INT64 <= getattr(info, what) < _INT64:
+                raise CorruptArchiveError(f"{what} out of range in tar header at offset {self.offset - BLOCK}")
         if block[257:263] != tarfile.POSIX_MAGIC[:6] and info.type not in tarfile.GNU_TYPES:
             # tarfile prepends the ustar prefix field whatever the magic; in GNU and v7 headers those bytes are
             # something else (GNU keeps atime/ctime there). Go reads the name field alone; so do we.

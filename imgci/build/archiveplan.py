@@ -30,6 +30,7 @@ from imgci.tarstream import BLK, CHR, DIR, FIFO, LNK, SYM, TarReader
 _CHUNK = 1 << 20
 _TYPES: dict[bytes, EntryType] = {DIR: "dir", SYM: "symlink", LNK: "hardlink", CHR: "char", BLK: "block", FIFO: "fifo"}
 _MAX_TIME = 2**33  # BuildKit bounds times it cannot represent to the epoch
+_MAX_DEV = 8**7  # device numbers a ustar header holds (PAX has no record for them)
 
 
 class ExtractTarget(Protocol):
@@ -90,6 +91,14 @@ def extract(
                     raise BuildError(f"archive {shown!r}: unsupported entry {member.name!r} of type {member.type!r}")
                 kind: EntryType = "file" if member.is_file else _TYPES[member.type]
                 uid, gid = owner if owner is not None else (member.uid, member.gid)
+                # Base-256 header fields hold values no layer header can: device numbers >= 8**7 made the layer
+                # writer raise ValueError (a traceback; Go's writer fails on them too), and a negative id became a
+                # PAX record imgci's own reader refuses when the layer is applied. Refuse them here, naming the entry.
+                if (
+                    min(uid, gid, member.devmajor, member.devminor) < 0
+                    or max(member.devmajor, member.devminor) >= _MAX_DEV
+                ):
+                    raise BuildError(f"archive {shown!r}: entry {member.name!r} has ids or device numbers out of range")
                 where = target.resolve_parents(treepath.join(dest_dir, name), follow_last=kind == "dir")
                 target.ensure_dir(treepath.parent_and_name(where)[0], owner=(0, 0), mode=0o755)
                 info = FileInfo(
