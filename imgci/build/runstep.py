@@ -59,9 +59,12 @@ class RunStep:
             mounts.append(d)
         for n, m in enumerate(i.mount_options):
             if m.get("type", "bind") == "bind" and n not in self.source_identity and ws.context is not None:
-                from imgci.build.copyplan import source_digest
+                from imgci.build.copyplan import CopyOptions, source_digest
 
-                mounts[n]["context"] = source_digest([m.get("source", "").strip("/") or "."], src_fs=ws.context)
+                source = m.get("source", "").strip("/") or "."
+                # its errors ("../..": outside the context) name the mount, not COPY
+                options = CopyOptions(instruction="RUN --mount=type=bind")
+                mounts[n]["context"] = source_digest([source], src_fs=ws.context, options=options)
         return {
             "instruction": i.original,
             "args": self.arg_env(state.env_map()),
@@ -117,6 +120,7 @@ class RunStep:
                 f"RUN failed with exit code {e.exit_code}: {shown}" + (f"\nlast output lines:\n{tail}" if tail else ""),
                 exit_code=e.exit_code,
                 tail=e.tail,
+                hint=_space_hint(e.tail, ws.state_dir),
                 **where,
             ) from None
         except BuildError as e:
@@ -383,3 +387,21 @@ def _read_table(view: SourceFS, path: str) -> list[list[str]]:
     except (OSError, ImgciError):
         return []
     return [line.split(":") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def _space_hint(tail: list[str], state_dir: Any) -> str | None:
+    """A step that ran out of disk space wrote into the state directory (its upper dir lives there): say so."""
+    if not any("No space left on device" in line for line in tail):
+        return None
+    import shutil
+
+    try:
+        free = shutil.disk_usage(state_dir).free
+    except OSError:
+        return None
+    from imgci.ui import human_size
+
+    return (
+        f"no space left in the state directory {state_dir} ({human_size(free)} free), where RUN steps write: "
+        "free space (imgci prune) or point --state / IMGCI_STATE at a bigger disk"
+    )

@@ -33,6 +33,9 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
 PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "arm64": 41}
 
@@ -43,6 +46,8 @@ int umount2(const char *target, int flags);
 int sethostname(const char *name, size_t len);
 long syscall(long number, ...);
 int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5);
+int capget(void *header, void *data);
+int capset(void *header, const void *data);
 """
 
 _lib: Any = None
@@ -111,3 +116,14 @@ def sethostname(name: str) -> None:
 def prctl(option: int, arg: int) -> None:
     lib, _ = _libc()
     _check(lib.prctl(option, arg, 0, 0, 0), "prctl")
+
+
+def clear_inheritable_capabilities() -> None:
+    """Empty this thread's inheritable and ambient capability sets (effective and permitted unchanged)."""
+    lib, ffi = _libc()
+    header = ffi.new("uint32_t[2]", [_LINUX_CAPABILITY_VERSION_3, 0])  # version, pid (0: this thread)
+    data = ffi.new("uint32_t[6]")  # two {effective, permitted, inheritable}: capabilities 0-31 and 32-63
+    _check(lib.capget(header, data), "capget")
+    data[2] = data[5] = 0
+    _check(lib.capset(header, data), "capset")
+    lib.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL before Linux 4.3: no ambient set to clear

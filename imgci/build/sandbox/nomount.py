@@ -6,6 +6,11 @@ process starts: device nodes in ``/dev`` (``mknod``, where CAP_MKNOD allows), ``
 *renamed* into place and back), bind mounts (a copy), tmpfs (an empty directory). :meth:`Placements.undo` removes
 exactly what was placed — a file only if it is still the same inode — before the layer is computed, so none of it
 reaches the layer. /proc stays empty (a warning says so).
+
+S is not confined to the root as the command is: every placement is resolved inside the root (a symlink in the
+image is followed there, never out of it; a mount point that is itself a symlink is refused, as with mounts), and
+:meth:`Placements.undo` reaches what it placed through directory descriptors opened without following symlinks,
+since the command may have swapped a symlink to a host path in for a parent (BuildKit CVE-2024-23652).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from imgci.build.sandbox.rootfs import open_dir_nofollow
 from imgci.build.sandbox.spec import ChildSpec
 
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
@@ -36,9 +42,23 @@ class Placements:
     def _free(self, rel: str) -> bool:
         return not os.path.lexists(self.root / rel)
 
+    def _dir(self, path: str) -> str:
+        """Directory ``path`` made to exist (a stub) and resolved inside the root, a symlink at its end followed
+        there too (``stub`` resolves all but the last component, hence the ``.``); its root-relative path."""
+        rel = self.rootfs.stub(path.rstrip("/") + "/.", True)
+        return rel.removesuffix(".").rstrip("/")
+
+    def _real_dir(self, rel: str, target: str) -> Path:
+        """``rel`` (a stub's path) as a real directory: a mount point that is a symlink is refused, as mounts do,
+        since this process would otherwise follow it out of the root (it is not chrooted)."""
+        path = self.root / rel
+        if os.path.islink(path) or not path.is_dir():
+            raise OSError(f"mount point {target} is a symbolic link or not a directory in the image")
+        return path
+
     def file(self, target: str, data: bytes, mode: int, uid: int = 0, gid: int = 0) -> None:
         parent = target.rpartition("/")[0] or "/"
-        prel = self.rootfs.stub(parent, True) if parent != "/" else ""
+        prel = self._dir(parent) if parent != "/" else ""
         rel = f"{prel}/{target.rpartition('/')[2]}".lstrip("/")
         if not self._free(rel) or os.path.islink(self.root / prel if prel else self.root):
             return  # the image has its own: leave it
@@ -54,6 +74,9 @@ class Placements:
 
     def devices(self) -> None:
         prel = self.rootfs.stub("/dev", True, keep=True)
+        if os.path.islink(self.root / prel):  # a symlink to a host path: never create devices through it
+            self.warnings.append("/dev is a symbolic link in the image: no devices are created in it")
+            return
         for name in _DEVICES:
             rel = f"{prel}/{name}"
             host = Path("/dev") / name
@@ -86,7 +109,7 @@ class Placements:
     def tree(self, target: str, source: Path | None) -> None:
         """An empty directory at ``target`` (tmpfs), or a copy of ``source`` (bind)."""
         rel = self.rootfs.stub(target, True)
-        path = self.root / rel
+        path = self._real_dir(rel, target)
         if any(path.iterdir()):
             raise OSError(f"{target} is not empty in the image: without mount permission it cannot be mounted over")
         if source is not None:
@@ -96,7 +119,7 @@ class Placements:
     def moved(self, target: str, source: Path) -> None:
         """Cache mount: ``source`` renamed to ``target`` for the step, and back afterwards."""
         rel = self.rootfs.stub(target, True)
-        path = self.root / rel
+        path = self._real_dir(rel, target)
         if any(path.iterdir()):
             raise OSError(f"{target} is not empty in the image: without mount permission it cannot be a cache mount")
         os.rmdir(path)
@@ -105,30 +128,46 @@ class Placements:
         os.mkdir(source)  # keep the slot taken; replaced on the way back
 
     def undo(self) -> None:
-        for rel, kind, ino, restore in reversed(self.placed):
-            path = self.root / rel
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            try:
-                if kind == "file" and st.st_ino == ino:
-                    os.unlink(path)
-                elif kind == "tree" and stat.S_ISDIR(st.st_mode) and st.st_ino == ino:
-                    shutil.rmtree(path)
-                elif kind == "contents" and stat.S_ISDIR(st.st_mode):
-                    for child in path.iterdir():
-                        if child.is_dir() and not child.is_symlink():
-                            shutil.rmtree(child)
-                        else:
-                            child.unlink()
-                elif kind == "moved" and stat.S_ISDIR(st.st_mode) and st.st_ino == ino:
-                    os.rmdir(restore)
-                    os.rename(path, restore)
-                    os.mkdir(path)
-            except OSError as e:
-                self.warnings.append(f"could not clean up {rel} after the step: {e}")
+        from imgci.rootdir import RootDir
+
+        remover = RootDir(self.root)
+        try:
+            for rel, kind, ino, restore in reversed(self.placed):
+                parent, _, name = rel.rpartition("/")
+                fd = open_dir_nofollow(self.root, parent)  # never through a symlink the step put on the way
+                if fd is None:
+                    continue
+                try:
+                    self._undo_one(remover, fd, name, kind, ino, restore)
+                except OSError as e:
+                    self.warnings.append(f"could not clean up {rel} after the step: {e}")
+                finally:
+                    os.close(fd)
+        finally:
+            remover.close()
         self.placed.clear()
+
+    @staticmethod
+    def _undo_one(remover: Any, fd: int, name: str, kind: str, ino: int, restore: str) -> None:
+        try:
+            st = os.lstat(name, dir_fd=fd)
+        except FileNotFoundError:
+            return
+        if kind == "file" and st.st_ino == ino:
+            os.unlink(name, dir_fd=fd)
+        elif kind == "tree" and stat.S_ISDIR(st.st_mode) and st.st_ino == ino:
+            remover.remove(fd, name, st)
+        elif kind == "contents" and stat.S_ISDIR(st.st_mode):
+            dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                for child in sorted(os.listdir(dfd)):
+                    remover.remove(dfd, child, os.lstat(child, dir_fd=dfd))
+            finally:
+                os.close(dfd)
+        elif kind == "moved" and stat.S_ISDIR(st.st_mode) and st.st_ino == ino:
+            os.rmdir(restore)
+            os.rename(name, restore, src_dir_fd=fd)
+            os.mkdir(name, dir_fd=fd)
 
 
 def place_all(spec: ChildSpec, rootfs: Any, warnings: list[str]) -> Placements:

@@ -4,8 +4,10 @@ switch and the exec (see ``child``).
 Contract: :func:`exec_command` never returns. In its own mount namespace it mounts a fresh /proc, a minimal /dev,
 /sys, the builder's /etc/hosts and /etc/resolv.conf and every ``RUN --mount`` (mount points resolved inside the
 root through ``/proc/self/fd``), pivots into the root (or chroots, without mount permission), sets the hostname,
-limits capabilities to Docker's default set, drops to the step's uid/gid/groups, changes to its working directory
-with umask 022, closes every other file descriptor and execs the command with exactly the step's environment.
+closes every file descriptor but stdio (/dev/null and the output), changes to its working directory (refusing
+one outside the root), limits capabilities to Docker's default set (without CAP_SYS_CHROOT when the root is only
+a chroot), drops to the step's uid/gid/groups and execs the command with umask 022 and exactly the step's
+environment.
 Failures before the exec are written to the output and exit with 125 (126/127 when the command cannot be run or
 found, like a shell).
 """
@@ -187,6 +189,7 @@ def exec_command(spec: ChildSpec, root: Path, can_mount: bool) -> None:
     process = spec.process
     assert process is not None
     warnings: list[str] = []
+    report_fd = spec.output_fd if spec.output_fd >= 0 else 2
     try:
         with contextlib.suppress(OSError):
             libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -203,11 +206,25 @@ def exec_command(spec: ChildSpec, root: Path, can_mount: bool) -> None:
         with contextlib.suppress(OSError):
             libc.sethostname(process.hostname)
         env = dict(e.partition("=")[::2] for e in process.env)
+        # Only stdio may be open when the working directory is entered: the mount point and bind source
+        # descriptors opened above (a bind source is a host directory) would otherwise be reachable as a WORKDIR
+        # of /proc/self/fd/N, outside the root (runc CVE-2024-21626).
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(spec.output_fd, 1)
+        os.dup2(spec.output_fd, 2)
+        report_fd = 2
+        os.closerange(3, _max_fd())
         try:
             os.chdir(process.cwd)
+            inside = os.getcwd().startswith("/")  # "(unreachable)…", or ENOENT: a directory outside the root
         except OSError as e:
             raise ChildError(f"cannot change to the working directory {process.cwd}: {e.strerror}") from None
-        _limit_capabilities()
+        if not inside:
+            raise ChildError(f"the working directory {process.cwd} is outside the root file system")
+        # Without pivot_root the root is only a chroot(2), which root with CAP_SYS_CHROOT leaves at will
+        # (chroot into a subdirectory, climb out with "..", chroot there): the command does not get it.
+        _limit_capabilities(DEFAULT_CAPABILITIES if can_mount else DEFAULT_CAPABILITIES - {CAP_SYS_CHROOT})
         if spec.id_kind != "single":
             os.setgroups(process.groups)
         try:
@@ -219,11 +236,6 @@ def exec_command(spec: ChildSpec, root: Path, can_mount: bool) -> None:
                 " — give the invoking user a subordinate id range in /etc/subuid and /etc/subgid"
             ) from None
         os.umask(0o022)
-        null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(spec.output_fd, 1)
-        os.dup2(spec.output_fd, 2)
-        os.closerange(3, _max_fd())
         for w in warnings:
             os.write(2, f"imgci: warning: {w}\n".encode())
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -234,26 +246,30 @@ def exec_command(spec: ChildSpec, root: Path, can_mount: bool) -> None:
             os._exit(127 if isinstance(e, FileNotFoundError) else 126)
     except BaseException as e:
         with contextlib.suppress(OSError):
-            os.write(spec.output_fd if spec.output_fd >= 0 else 2, f"imgci: sandbox: {e}\n".encode())
+            os.write(report_fd, f"imgci: sandbox: {e}\n".encode())
         os._exit(125)
 
 
 # Docker's (and BuildKit's) default capabilities: chown dac_override fowner fsetid kill setgid setuid setpcap
 # net_bind_service net_raw sys_chroot mknod audit_write setfcap — no sys_admin, so a RUN cannot mount or unshare.
 DEFAULT_CAPABILITIES = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31})
+CAP_SYS_CHROOT = 18
 
 
-def _limit_capabilities() -> None:
-    """Drop every capability outside Docker's default set from the bounding set: root's command gets exactly those
-    at exec (a set-uid program can gain no more), whatever this process had."""
+def _limit_capabilities(keep: frozenset[int]) -> None:
+    """Drop every capability outside ``keep`` from the bounding set and empty the inheritable and ambient sets:
+    root's command gets exactly ``keep`` at exec (a set-uid program can gain no more), whatever this process had.
+    (An inheritable capability survives root's exec whatever the bounding set says; Docker before 20.10.14 gave
+    containers their whole set as inheritable, CVE-2022-24769.)"""
     try:
         last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
     except (OSError, ValueError):
         last = 40
     for cap in range(last + 1):
-        if cap not in DEFAULT_CAPABILITIES:
+        if cap not in keep:
             with contextlib.suppress(OSError):
                 libc.prctl(libc.PR_CAPBSET_DROP, cap)
+    libc.clear_inheritable_capabilities()
 
 
 def _max_fd() -> int:
