@@ -40,6 +40,7 @@ from imgci.errors import (
     BlobNotFoundError,
     DigestMismatchError,
     ImageNotFoundError,
+    ImgciError,
     StorageFullError,
     StoreCorruptError,
     StoreError,
@@ -114,10 +115,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _translate_oserror(e: OSError, what: str) -> StoreError:
+def _translate_oserror(e: OSError, what: str, root: Path) -> StoreError:
+    # The state directory is named: in CI it is often not where the user thinks (IMGCI_STATE, a cache volume).
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageFullError(f"no space left while writing {what}", hint="free disk space or run `imgci prune`")
-    return StoreError(f"cannot write {what}: {e.strerror or e}")
+        return StorageFullError(
+            f"no space left in the state directory {root} while writing {what}",
+            hint="free disk space, run `imgci prune`, or point --state at a bigger disk",
+        )
+    return StoreError(f"cannot write {what} in the state directory {root}: {e.strerror or e}")
 
 
 @dataclass(frozen=True)
@@ -146,9 +151,12 @@ class BlobWriter:
         self._hash = hashlib.new(algorithm)
         self.size = 0
         self.digest: Digest | None = None
-        store.ingest_dir.mkdir(parents=True, exist_ok=True)
         self._tmp = store.ingest_dir / f"{os.getpid()}-{secrets.token_hex(8)}"
-        self._file: IO[bytes] | None = open(self._tmp, "xb")  # noqa: SIM115 - closed in commit/abort
+        try:
+            store.ingest_dir.mkdir(parents=True, exist_ok=True)
+            self._file: IO[bytes] | None = open(self._tmp, "xb")  # noqa: SIM115 - closed in commit/abort
+        except OSError as e:  # a full disk can refuse even the empty temp file
+            raise _translate_oserror(e, "a blob", store.root) from None
 
     def write(self, data: bytes | memoryview) -> int:
         assert self._file is not None, "write after commit/abort"
@@ -156,7 +164,7 @@ class BlobWriter:
             n = self._file.write(data)
         except OSError as e:
             self.abort()
-            raise _translate_oserror(e, "a blob") from None
+            raise _translate_oserror(e, "a blob", self._store.root) from None
         self._hash.update(data)
         self.size += len(data)
         if self.expected_size is not None and self.size > self.expected_size:
@@ -197,7 +205,7 @@ class BlobWriter:
                     fsync_dir(final.parent)
                     self._store._record_blob(actual, self.size)
             except OSError as e:
-                raise _translate_oserror(e, f"blob {actual}") from None
+                raise _translate_oserror(e, f"blob {actual}", self._store.root) from None
         except BaseException:
             self.abort()
             raise
@@ -260,9 +268,29 @@ class Store:
                         hint="upgrade imgci or use another --state directory",
                     )
             except sqlite3.DatabaseError as e:
+                full = self._full_error(e, "opening the state index")
+                if full is not None:
+                    raise full from None
                 raise StoreCorruptError(f"state index {self.root / 'index.db'} is unusable: {e}") from None
             self._local.conn = conn
         return conn
+
+    def _full_error(self, e: sqlite3.Error, doing: str) -> StorageFullError | None:
+        """``e`` as a StorageFullError if the disk is full, else None. SQLite says SQLITE_FULL, or only "disk I/O
+        error" when it cannot grow its shared-memory file (opening a WAL index needs 32 KiB): that one used to be
+        reported as a corrupt store, on a disk that was merely full."""
+        name = getattr(e, "sqlite_errorname", "")
+        if name != "SQLITE_FULL" and "full" not in str(e).lower():
+            try:
+                st = os.statvfs(self.root)
+            except OSError:
+                return None
+            if not (name.startswith("SQLITE_IOERR") and st.f_bavail * st.f_frsize < (1 << 20)):
+                return None
+        return StorageFullError(
+            f"no space left in the state directory {self.root} while {doing}",
+            hint="free disk space there (`imgci prune` too needs a little room to update its index)",
+        )
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -271,9 +299,19 @@ class Store:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
-            raise StoreError(f"state index is busy or unwritable: {e}") from None
+            raise self._full_error(e, "updating the state index") or StoreError(
+                f"state index is busy or unwritable: {e}"
+            ) from None
         try:
             yield conn
+        except sqlite3.OperationalError as e:
+            # A statement of the body can hit the full disk too (a transaction spilling into the WAL).
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            full = self._full_error(e, "updating the state index")
+            if full is not None:
+                raise full from None
+            raise
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -281,9 +319,11 @@ class Store:
             try:
                 conn.execute("COMMIT")
             except sqlite3.OperationalError as e:
-                if "full" in str(e).lower():
-                    raise StorageFullError("no space left while updating the state index") from None
-                raise StoreError(f"cannot update the state index: {e}") from None
+                with contextlib.suppress(sqlite3.Error):  # else the next BEGIN fails "within a transaction"
+                    conn.execute("ROLLBACK")
+                raise self._full_error(e, "updating the state index") or StoreError(
+                    f"cannot update the state index: {e}"
+                ) from None
 
     # -- leases (protect blobs this process wrote from a concurrent gc) -----------------------------------------
     def _lease(self) -> str:
@@ -564,17 +604,58 @@ class Store:
 
     # -- verification ---------------------------------------------------------------------------------------
     def fsck(self) -> list[str]:
-        """Verify every blob's digest and every ref's closure; returns a list of problems (empty = healthy)."""
+        """Verify the store; returns a list of problems (empty = healthy).
+
+        Checked: every blob re-hashed against its name; no other file under ``blobs/`` (a temp file there would
+        be a half blob made visible); every ref's closure (manifest → config and layers, index → manifests)
+        present; every blob the build cache tables reference present. Blobs a concurrent gc removes while fsck
+        runs are skipped, not reported.
+        """
         problems: list[str] = []
-        for digest in self.iter_blobs():
-            h = digest.hasher()
-            with self.open_blob(digest) as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            if h.hexdigest() != digest.hex:
-                problems.append(f"blob {digest} is corrupt (content hashes to {digest.algorithm}:{h.hexdigest()})")
+        for algo_dir in sorted(self.blobs_dir.iterdir()):
+            # iter_blobs skips names that are not digests; fsck must see them (a temp file would hide there).
+            names = sorted(algo_dir.iterdir()) if algo_dir.is_dir() else [algo_dir]
+            for p in names:
+                try:
+                    digest: Digest | None = Digest(f"{algo_dir.name}:{p.name}")
+                except ImgciError:
+                    digest = None
+                if digest is None or not p.is_file():
+                    problems.append(f"unexpected {'file' if p.is_file() else 'entry'} {p} in the blob store")
+                    continue
+                h = digest.hasher()
+                try:
+                    with open(p, "rb") as f:
+                        for chunk in iter(lambda: f.read(1 << 20), b""):
+                            h.update(chunk)
+                except FileNotFoundError:
+                    continue  # collected by a concurrent gc
+                if h.hexdigest() != digest.hex:
+                    problems.append(f"blob {digest} is corrupt (content hashes to {digest.algorithm}:{h.hexdigest()})")
         for rec in self.list_refs():
-            for d in self.reachable({rec.digest}):
+            # Documents that do not parse as a manifest or index count as leaves (their bytes were hashed above).
+            for d in sorted(self.reachable({rec.digest}), key=str):
                 if not self.has_blob(d):
                     problems.append(f"ref {rec.name}: blob {d} is missing")
+        problems += self._fsck_cache()
+        return problems
+
+    def _fsck_cache(self) -> list[str]:
+        """Build cache records whose layer blobs are gone (gc keeps them as roots, so that is damage)."""
+        db = self._db()
+        problems: list[str] = []
+        referenced = {(k, d) for k, d in db.execute("SELECT key, digest FROM cache_blobs").fetchall()}
+        for key, record in db.execute("SELECT key, record FROM cache_entries").fetchall():
+            try:
+                layers = [Digest(layer["descriptor"]["digest"]).value for layer in json.loads(record)["layers"]]
+            except (ValueError, KeyError, TypeError, ImgciError):
+                problems.append(f"build cache entry {key[:19]}: unreadable record")
+                continue
+            for d in layers:
+                if (key, d) not in referenced:
+                    problems.append(f"build cache entry {key[:19]}: blob {d} is not recorded as kept by gc")
+        for key, d in sorted(referenced):
+            with contextlib.suppress(ImgciError):
+                if not self.has_blob(Digest(d)):
+                    problems.append(f"build cache entry {key[:19]}: blob {d} is missing")
         return problems

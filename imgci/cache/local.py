@@ -32,10 +32,10 @@ class LocalCache:
             record = CacheRecord.loads(row[0])
         except (ValueError, KeyError, TypeError):
             return None
-        if not all(self.store.has_blob(d.digest) for d, _ in record.layers):
+        # Claim (present *and* leased), not just look: a gc of `imgci prune --all` between a look and the claim
+        # would take a blob this build is about to use (the record is dropped first, so nothing else keeps it).
+        if not all(self.store.claim(d.digest) for d, _ in record.layers):
             return None
-        for d, _ in record.layers:
-            self.store.claim(d.digest)  # a gc running meanwhile must not take it from this build
         try:
             with self.store.transaction() as db:
                 db.execute("UPDATE cache_entries SET last_used = ? WHERE key = ?", (time.time(), key))

@@ -6,7 +6,8 @@ Contract:
   map, so nothing needs real root. It never fails the caller: what cannot be removed is reported.
 - :func:`sweep` is ``imgci prune``'s part for the sandbox: snapshots whose diff_id is not in ``keep`` and that no
   running build holds (the layer store's lock of the same diff_id), snapshot and work directories of dead
-  processes, and cache mounts nobody holds. Returns (paths removed, bytes freed).
+  processes, and cache mounts nobody holds. Returns (paths removed, bytes freed). A snapshot is renamed to a
+  ``.tmp-<pid>-*`` name before it is deleted, so a killed prune never leaves part of one under its name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import fcntl
 import os
 import pwd
+import secrets
 import shutil
 import subprocess
 import sys
@@ -115,7 +117,15 @@ def sweep(state_dir: Path, layer_store: Any, keep: set[Digest]) -> tuple[int, in
                 if fd is None:
                     continue  # a running build uses it
                 locks.append(fd)
-                victims.append(p)
+                # Gone under its name at once, deleted at leisure: a snapshot is found by its name alone, so a
+                # prune killed halfway through deleting it in place left half a lower dir for every later RUN.
+                # Killed now, it leaves a .tmp- dir of a dead process, which the next sweep removes.
+                trash = flavor / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
+                try:
+                    os.rename(p, trash)
+                except OSError:
+                    continue
+                victims.append(trash)
         tmp = state_dir / "tmp"
         for p in tmp.glob("run-*") if tmp.is_dir() else []:
             if _dead(p.name, "run-"):
