@@ -18,6 +18,7 @@ Contract:
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ from typing import Any
 
 from imgci.configyaml import ConfigError, Locator, YamlPath, did_you_mean
 
+# The most combinations a matrix may have before include/exclude (GitHub runs at most 256 jobs a matrix; one imgci run
+# may build more, but a few lines of dimensions must not expand into millions of entries).
+MAX_COMBINATIONS = 4096
 _MATRIX_REF = re.compile(r"\$\{\{\s*(.*?)\s*\}\}")
 _MATRIX_EXPR = re.compile(r"^matrix\.([A-Za-z0-9_-]+)$")
 _TEMPLATE = re.compile(r"(?<!\$)\{\{\s*(.*?)\s*\}\}")
@@ -55,6 +59,8 @@ def expand_matrix(
     _check_items(dims, include, "include", locator, path, need_known=False)
     _check_items(dims, exclude, "exclude", locator, path, need_known=True)
     keys = list(dims)
+    if keys and (count := math.prod(len(values) for values in dims.values())) > MAX_COMBINATIONS:
+        raise locator.error(path, f"the matrix has {count} combinations, more than {MAX_COMBINATIONS}")
     combos = [dict(zip(keys, values, strict=True)) for values in itertools.product(*dims.values())] if keys else []
     combos = [c for c in combos if not any(all(c[k] == v for k, v in ex.items()) for ex in exclude)]
     added: list[dict[str, str]] = []

@@ -28,6 +28,11 @@ from imgci.errors import UsageError
 
 YamlPath = tuple[str | int, ...]
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+# Bounds on the document as plain data. Aliases are expanded into copies, so without a bound a few lines of
+# "billion laughs" (lists of aliases of lists of aliases) take minutes and gigabytes; a real build.yaml has a few
+# hundred values, nested a few levels.
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,12 @@ def load_yaml_file(path: Path, name: str) -> tuple[dict[str, Any], Locator]:
 def load_yaml(text: str, file: str) -> tuple[Any, Locator]:
     """Parse ``text`` (the contents of ``file``); see the module docstring."""
     locator = Locator(file)
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as e:  # the reader checks the whole text for control characters up front
+        line = text.count("\n", 0, e.position) + 1
+        problem = f"character U+{e.character:04X} is not allowed" if isinstance(e.character, int) else e.reason
+        raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
     try:
         node = loader.get_single_node()
         data = None if node is None else _Walker(loader, locator).value(node, ())
@@ -136,6 +146,8 @@ def load_yaml(text: str, file: str) -> tuple[Any, Locator]:
         raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"invalid YAML: {e}", file=file) from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level, before the walker can count them
+        raise ConfigError(f"invalid YAML: nested more than {MAX_DEPTH} levels deep", file=file) from None
     finally:
         loader.dispose()
     return data, locator
@@ -148,8 +160,14 @@ class _Walker:
         self.loader = loader
         self.locator = locator
         self.active: set[int] = set()
+        self.count = 0
 
     def value(self, node: Node, path: YamlPath) -> Any:
+        self.count += 1
+        if self.count > MAX_VALUES:
+            raise self.locator.error(path, f"more than {MAX_VALUES} values in the document (its aliases expanded)")
+        if len(path) > MAX_DEPTH:
+            raise self.locator.error(path, f"nested more than {MAX_DEPTH} levels deep")
         if isinstance(node, ScalarNode):
             value = self.loader.construct_object(node)
             if not isinstance(value, str):

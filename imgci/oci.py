@@ -51,7 +51,7 @@ class Digest:
     value: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.value, str) or not _DIGEST_RE.match(self.value):
+        if not isinstance(self.value, str) or not _DIGEST_RE.fullmatch(self.value):  # "$" matches before "\n"
             raise InvalidDigestError(f"invalid digest {self.value!r}: expected sha256:<64 hex> or sha512:<128 hex>")
 
     @classmethod

@@ -19,10 +19,12 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
 _HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 
-_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+# Matched with fullmatch and re.ASCII, as Go's regexp does: "$" would also match before a trailing newline, and "\w"
+# would take any Unicode letter or digit ("busybox:v1\n@sha256:…" and "busybox:\u0661" are not references).
+_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*", re.ASCII)
+_TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN = re.compile(rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.%]+\])(?::[0-9]+)?$")
+_DOMAIN = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.%]+\])(?::[0-9]+)?", re.ASCII)
 _NAME_TOTAL_MAX = 255
 
 
@@ -69,7 +71,9 @@ class Reference:
     def familiar(self) -> str:
         """Docker's short display form: ``busybox:latest``, ``user/app:1``, ``localhost:5000/x:y``."""
         name = self.name
-        if self.registry == DOCKER_HUB:
+        # Docker Hub's prefix goes, unless the first path component would then read as a registry host
+        # (docker.io/l.ibrary/x must not become l.ibrary/x, which names the registry l.ibrary).
+        if self.registry == DOCKER_HUB and not _is_domain(self.repository.split("/", 1)[0]):
             name = self.repository.removeprefix("library/") if self.repository.count("/") == 1 else self.repository
         s = name
         if self.tag:
@@ -102,13 +106,13 @@ def parse(text: str, *, default_tag: str | None = "latest") -> Reference:
     colon = text.rfind(":")
     if colon > text.rfind("/"):
         text, tag = text[:colon], text[colon + 1 :]
-        if not _TAG.match(tag):
+        if not _TAG.fullmatch(tag):
             raise InvalidReferenceError(f"invalid reference format: {original!r} has an invalid tag {tag!r}")
 
     parts = text.split("/")
     if len(parts) > 1 and _is_domain(parts[0]):
         registry, path = parts[0], parts[1:]
-        if not _DOMAIN.match(registry):
+        if not _DOMAIN.fullmatch(registry):
             raise InvalidReferenceError(f"invalid reference format: {original!r} has an invalid registry host")
         if registry.startswith("["):
             try:
@@ -123,8 +127,8 @@ def parse(text: str, *, default_tag: str | None = "latest") -> Reference:
             path = ["library", *path]
 
     for comp in path:
-        if not _COMPONENT.match(comp):
-            if comp.lower() != comp and _COMPONENT.match(comp.lower()):
+        if not _COMPONENT.fullmatch(comp):
+            if comp.lower() != comp and _COMPONENT.fullmatch(comp.lower()):
                 raise InvalidReferenceError(
                     f"invalid reference format: repository name {'/'.join(path)!r} must be lowercase"
                 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -65,6 +66,8 @@ from imgci.store import Store
 STEP_TYPE = "imgci.step.v1"
 IMAGE_KEY_TYPE = "imgci.image.v1"
 IMAGE_KEY_LABEL = "dev.imgci.image-key"  # recorded in the config when BuildRequest.record_key (imgci run does)
+# Build arg names that suggest a secret (docker's SecretsUsedInArgOrEnv check looks for the same words).
+_SECRET_LIKE_ARG = re.compile(r"TOKEN|PASSWORD|PASSWD|SECRET|API_KEY|CREDENTIAL", re.IGNORECASE)
 
 
 @dataclass
@@ -122,6 +125,17 @@ def image_key(final_step_key: str, req: BuildRequest) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def secret_arg_warnings(build_args: dict[str, str]) -> list[str]:
+    """One warning per build arg whose name looks like a secret's (``*TOKEN*``, ``*PASSWORD*``…). It names the arg,
+    never its value: build args end up in the image history and the cache keys, ``--secret`` values do not."""
+    return [
+        f"warning: build arg {name} looks like a secret: build args are stored in the image history and cache keys; "
+        f"use --secret id={name.lower()},env={name} and RUN --mount=type=secret,id={name.lower()} instead"
+        for name in sorted(build_args)
+        if _SECRET_LIKE_ARG.search(name)
+    ]
+
+
 @dataclass
 class _StageInfo:
     """What the dispatcher knows statically about a converted stage."""
@@ -141,6 +155,11 @@ def _instruction_identity(instr: Instruction) -> dict[str, Any]:
     d = dataclasses.asdict(instr)
     d.pop("location", None)
     d["keyword"] = instr.keyword
+    if isinstance(instr, AddInstruction):  # keys are exported with the cache: no URL credentials, even hashed
+        from imgci.build.remote import redact_url, redact_urls
+
+        d["original"] = redact_urls(instr.original)
+        d["sources"] = [redact_url(s) for s in instr.sources]
     return d
 
 
@@ -186,6 +205,8 @@ class Builder:
         from imgci.build.context import BuildContext
 
         start = time.monotonic()
+        for warning in secret_arg_warnings(req.build_args):
+            self.on_note(warning)
         path, text = self._dockerfile(req)
         dockerfile = parse_dockerfile(text, str(path))
         for note in dockerfile.notes:
@@ -668,5 +689,8 @@ def _source_name(key: str) -> str:
 
 
 def _display(instr: Instruction) -> str:
-    text = " ".join(instr.original.split())
+    """The instruction as progress, cache records and reports show it (URL credentials redacted)."""
+    from imgci.build.remote import redact_urls
+
+    text = redact_urls(" ".join(instr.original.split()))
     return text if len(text) <= 200 else text[:197] + "..."

@@ -16,7 +16,8 @@ Contract:
   ``keep_git_dir``. :meth:`GitCheckout.fs` presents the checkout (or its subdir, resolved inside it) as a SourceFS
   with git's modes, root ownership and either the checkout time or the commit time as mtimes.
 - Secrets never leave this module: user info in URLs is replaced by ``xxxxx`` in every message
-  (:func:`redact_url`); git gets HTTP credentials through an ``Authorization`` header in its environment, never on
+  (:func:`redact_url`; :func:`redact_urls` does the same to every URL in a text, for ADD's history entry, progress
+  line and cache inputs); git gets HTTP credentials through an ``Authorization`` header in its environment, never on
   its command line, and its stderr is scrubbed before it is quoted.
 """
 
@@ -52,6 +53,8 @@ _HEX = re.compile(r"^[0-9a-f]{7,64}$")
 _DIGEST = re.compile(r"^(sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128})$")
 
 SourceKind = Literal["git", "http", "local"]
+# scheme://userinfo@ in running text; greedy up to the last "@" of the authority, as urlsplit reads it.
+_URL_USERINFO = re.compile(r"(?<![A-Za-z0-9+.-])([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
 
 
 def redact_url(url: str) -> str:
@@ -63,6 +66,12 @@ def redact_url(url: str) -> str:
     if parts.scheme and "@" in parts.netloc:
         return urllib.parse.urlunsplit(parts._replace(netloc="xxxxx@" + parts.netloc.rpartition("@")[2]))
     return url  # no user info, or an SCP-like ssh address whose user name is not a secret
+
+
+def redact_urls(text: str) -> str:
+    """``text`` (an ADD line, say) with the user info of every ``scheme://user:password@host`` in it replaced by
+    ``xxxxx``, as :func:`redact_url` does for one URL."""
+    return _URL_USERINFO.sub(r"\1xxxxx@", text)
 
 
 def _secrets(url: str) -> list[str]:

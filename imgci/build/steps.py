@@ -374,11 +374,17 @@ class CopyStep:
     def cache_input(self, state: ImageState, ws: Workspace) -> dict[str, Any]:
         """The instruction, what --from resolved to, WORKDIR, and the content digest of the context files read."""
         from imgci.build.copyplan import source_digest
+        from imgci.build.remote import redact_url, redact_urls
 
         i = self.instruction
-        inputs: dict[str, Any] = {"instruction": i.original, "from": self.source_identity, "workdir": state.workdir}
+        # URL credentials stay out of the inputs (cache records are exported): what a URL served is the key
+        inputs: dict[str, Any] = {
+            "instruction": redact_urls(i.original),
+            "from": self.source_identity,
+            "workdir": state.workdir,
+        }
         if isinstance(i, AddInstruction):
-            remote = {s: _fetch_remote(s, ws, i) for s in i.sources if "://" in s or s.startswith("git@")}
+            remote = {redact_url(s): _fetch_remote(s, ws, i) for s in i.sources if "://" in s or s.startswith("git@")}
             if remote:
                 inputs["remote"] = remote  # what the URL served / the commit a git ref resolved to, as BuildKit
         local = [s for s in i.sources if "://" not in s and not s.startswith("git@")]
@@ -430,10 +436,13 @@ class CopyStep:
 
 
 def _copy_history(i: CopyInstruction | AddInstruction) -> str:
+    """The history entry, without the credentials of ``ADD http://user:password@host/…``."""
+    from imgci.build.remote import redact_urls
+
     text = i.original
     if text.upper().startswith(("COPY ", "ADD ")):
-        return f"{text} # buildkit"
-    return f"{i.keyword} {' '.join(i.sources)} {i.dest} # buildkit"
+        return redact_urls(f"{text} # buildkit")
+    return redact_urls(f"{i.keyword} {' '.join(i.sources)} {i.dest} # buildkit")
 
 
 def _fetch_remote(src: str, ws: Workspace, i: AddInstruction) -> str:

@@ -105,9 +105,27 @@ def _skeleton_line(raw: str, escape: str, cont: re.Pattern[str]) -> str:
     return f"{token} {escape}\n" if cont.search(body) else f"{token}\n"
 
 
-def _instruction_ranges(lines: list[str], pos: int, escape: str, cont: re.Pattern[str]) -> list[tuple[int, int]]:
-    """0-based inclusive line ranges of the instructions in ``lines[pos:]``, grouped by dockerfile-parse."""
-    skeleton = [_skeleton_line(raw, escape, cont) for raw in lines[pos:]]
+def _window(lines: list[str], pos: int, escape: str, cont: re.Pattern[str]) -> list[str]:
+    """The skeleton of ``lines[pos:]`` up to the end of the first instruction with ``<<`` on a line (which may be a
+    heredoc, after whose body parsing starts again): a whole number of instructions, so that every line is grouped
+    once or twice, not once per heredoc before it (that was quadratic: 1000 heredocs took 4 s)."""
+    skeleton: list[str] = []
+    marker = False
+    for raw in lines[pos:]:
+        line = _skeleton_line(raw, escape, cont)
+        skeleton.append(line)
+        marker = marker or "<<" in raw
+        if marker and line != "#\n" and not line.endswith(escape + "\n"):
+            break  # a content line that is not continued ends the instruction
+    return skeleton
+
+
+def _instruction_ranges(
+    lines: list[str], pos: int, escape: str, cont: re.Pattern[str]
+) -> tuple[list[tuple[int, int]], int]:
+    """0-based inclusive line ranges of the instructions in a window of ``lines[pos:]`` (see :func:`_window`),
+    grouped by dockerfile-parse, and the index of the first line after the window."""
+    skeleton = _window(lines, pos, escape, cont)
     data = ("# escape=" + escape + "\n" + "".join(skeleton)).encode("utf-8")
     structure = DockerfileParser(fileobj=io.BytesIO(data)).structure
     ranges = sorted(
@@ -117,8 +135,8 @@ def _instruction_ranges(lines: list[str], pos: int, escape: str, cont: re.Patter
     if content and skeleton[content[-1] - pos].endswith(escape + "\n"):
         # Still continued at end of file: dockerfile-parse drops that instruction, BuildKit ends it at the last line.
         after = ranges[-1][1] + 1 if ranges else pos
-        ranges.append((next(i for i in content if i >= after), len(lines) - 1))
-    return ranges
+        ranges.append((next(i for i in content if i >= after), pos + len(skeleton) - 1))
+    return ranges, pos + len(skeleton)
 
 
 def _join(lines: list[str], start: int, end: int, cont: re.Pattern[str]) -> tuple[str, bool]:
@@ -152,7 +170,8 @@ def parse_nodes(text: str, filename: str) -> ParsedFile:
     pos = 0
     while pos < len(lines):
         restart: int | None = None
-        for start, end in _instruction_ranges(lines, pos, escape, cont):
+        ranges, window_end = _instruction_ranges(lines, pos, escape, cont)
+        for start, end in ranges:
             line, empty_continuation = _join(lines, start, end, cont)
             if empty_continuation:
                 warnings.append(
@@ -168,9 +187,9 @@ def parse_nodes(text: str, filename: str) -> ParsedFile:
             nodes.append(node)
             if restart is not None:
                 break
-        if restart is None:
+        if restart is None and window_end >= len(lines):
             break
-        pos = restart
+        pos = window_end if restart is None else restart
     return ParsedFile(directives, directive_lines, escape, nodes, warnings)
 
 

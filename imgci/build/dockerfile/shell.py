@@ -23,6 +23,9 @@ from imgci.errors import DockerfileError
 
 _EOF = ""
 _SPECIAL_PARAMS = frozenset("@*#?-$!0")
+# How deeply ${…} may nest. BuildKit (Go, growable stacks) has no limit; here each level costs two Python frames, so
+# without one a deep nesting is a RecursionError instead of a Dockerfile error. Real Dockerfiles nest a few levels.
+MAX_NESTING = 100
 # Go's unicode.IsSpace for Latin-1 (Python's str.isspace also counts \x1c-\x1f, Go does not).
 _LATIN1_SPACE = frozenset("\t\n\v\f\r \x85\xa0")
 
@@ -44,21 +47,22 @@ class _Words:
     """BuildKit's wordsStruct: how ProcessWords splits the result into words."""
 
     def __init__(self) -> None:
-        self.word = ""
+        self.word: list[str] = []  # the current word's pieces (``+=`` on a str attribute is quadratic)
         self.words: list[str] = []
         self.in_word = False
 
     def add_char(self, ch: str) -> None:
         if is_space(ch) and self.in_word:
             if self.word:
-                self.words.append(self.word)
-                self.word = ""
+                self.words.append("".join(self.word))
+                self.word = []
                 self.in_word = False
         elif not is_space(ch):
             self.add_raw_char(ch)
 
     def add_raw_char(self, ch: str) -> None:
-        self.word += ch
+        if ch:
+            self.word.append(ch)
         self.in_word = True
 
     def add_string(self, text: str) -> None:
@@ -66,13 +70,14 @@ class _Words:
             self.add_char(ch)
 
     def add_raw_string(self, text: str) -> None:
-        self.word += text
+        if text:
+            self.word.append(text)
         self.in_word = True
 
     def get_words(self) -> list[str]:
         if self.word:
-            self.words.append(self.word)
-            self.word = ""
+            self.words.append("".join(self.word))
+            self.word = []
             self.in_word = False
         return self.words
 
@@ -103,12 +108,14 @@ class ShellLexer:
         self._pos = 0
         self._env: Mapping[str, str] = {}
         self._raw_escapes = raw_escapes
+        self._depth = 0
         self.matched: set[str] = set()
 
     def process(self, word: str, env: Mapping[str, str]) -> tuple[str, list[str]]:
         """Substitute ``env`` into ``word``; raises ShellError with BuildKit's message."""
         self._text, self._pos, self._env = word, 0, env
         self._raw_escapes = self.raw_escapes_default
+        self._depth = 0
         self.matched = set()
         try:
             return self._process_stop_on(None, self.raw_escapes_default)
@@ -133,7 +140,10 @@ class ShellLexer:
 
     # -- grammar ---------------------------------------------------------------------------------------------------
     def _process_stop_on(self, stop: str | None, raw_escapes: bool) -> tuple[str, list[str]]:
+        if self._depth > MAX_NESTING:
+            raise ShellError(f"substitutions nested more than {MAX_NESTING} deep")
         saved, self._raw_escapes = self._raw_escapes, raw_escapes
+        self._depth += 1
         try:
             result: list[str] = []
             words = _Words()
@@ -167,6 +177,7 @@ class ShellLexer:
             return "".join(result), words.get_words()
         finally:
             self._raw_escapes = saved
+            self._depth -= 1
 
     def _single_quote(self) -> str:
         opening = self._next()
