@@ -202,24 +202,12 @@ class Builder:
 
     # -- entry point ----------------------------------------------------------------------------------------
     def build(self, req: BuildRequest) -> BuildResult:
-        from imgci.build.context import BuildContext
-
         start = time.monotonic()
         for warning in secret_arg_warnings(req.build_args):
             self.on_note(warning)
-        path, text = self._dockerfile(req)
-        dockerfile = parse_dockerfile(text, str(path))
+        path, dockerfile, platform, order, scope, context = self._prepare(req)
         for note in dockerfile.notes:
             self.on_note(f"note: {note}")
-        platform = (req.platform or Platform.host()).normalized()
-        predefined = predefined_args(platform, Platform.host())
-        order = stages_needed(dockerfile, req.target, req.build_args, predefined=predefined)
-        scope = ArgScope(dockerfile, req.build_args, predefined)
-        context = BuildContext(
-            req.context,
-            dockerfile=None if req.dockerfile_text is not None else path,
-            cache_dir=self.store.root / "cache" / "context",
-        )
         cache = BuildCache(
             self.store,
             importers=list(req.cache_importers),
@@ -241,24 +229,30 @@ class Builder:
                     context.close()
         raise AssertionError("unreachable")
 
-    def compute_key(self, req: BuildRequest) -> str:
-        """The :func:`image_key` ``req`` would produce, without building: every step's cache key is computed from
-        its parent's key, its instruction and its inputs (context file digests, base image digests — resolved,
-        which may ask the registry for a manifest — and source stage keys), and nothing is run or stored."""
-        start = time.monotonic()
+    def _prepare(self, req: BuildRequest) -> tuple[Path, Dockerfile, Platform, list[int], ArgScope, Any]:
+        """The parsed Dockerfile, the platform, the stages the target needs in order, the ARG scope and the
+        context of a request: what a build and a key computation both start from."""
+        from imgci.build.context import BuildContext
+
         path, text = self._dockerfile(req)
         dockerfile = parse_dockerfile(text, str(path))
         platform = (req.platform or Platform.host()).normalized()
         predefined = predefined_args(platform, Platform.host())
         order = stages_needed(dockerfile, req.target, req.build_args, predefined=predefined)
         scope = ArgScope(dockerfile, req.build_args, predefined)
-        from imgci.build.context import BuildContext
-
         context = BuildContext(
             req.context,
             dockerfile=None if req.dockerfile_text is not None else path,
             cache_dir=self.store.root / "cache" / "context",
         )
+        return path, dockerfile, platform, order, scope, context
+
+    def compute_key(self, req: BuildRequest) -> str:
+        """The :func:`image_key` ``req`` would produce, without building: every step's cache key is computed from
+        its parent's key, its instruction and its inputs (context file digests, base image digests — resolved,
+        which may ask the registry for a manifest — and source stage keys), and nothing is run or stored."""
+        start = time.monotonic()
+        path, dockerfile, platform, order, scope, context = self._prepare(req)
         cache = BuildCache(self.store, importers=[], disabled=True, on_warning=lambda m: None)
         cache.attempt = 0  # vertex keys of their own: a key computation never shares a vertex with a real build
         try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, Imgci
+from tests.infra.ciemul import github_actions_env
 from tests.infra.client import SimpleRegistryClient, sha256_digest
 from tests.infra.fakegithub import FakeGitHub
 from tests.infra.registry import RegistryServer
@@ -64,27 +65,7 @@ def _env(cli: Imgci, **extra: str) -> dict[str, str]:
 
 
 def _github_env(cli: Imgci, tmp_path: Path, project: Path, api: str, **inputs: str) -> dict[str, str]:
-    event = tmp_path / "event.json"
-    event.write_text(json.dumps({"repository": {"default_branch": "main"}}))
-    (tmp_path / "out").write_text("")
-    (tmp_path / "summary.md").write_text("")
-    env = _env(
-        cli,
-        GITHUB_ACTIONS="true",
-        GITHUB_OUTPUT=str(tmp_path / "out"),
-        GITHUB_STEP_SUMMARY=str(tmp_path / "summary.md"),
-        GITHUB_REPOSITORY="acme/app",
-        GITHUB_SHA=SHA,
-        GITHUB_REF="refs/heads/main",
-        GITHUB_REF_NAME="main",
-        GITHUB_EVENT_NAME="push",
-        GITHUB_EVENT_PATH=str(event),
-        GITHUB_API_URL=api,
-        GITHUB_SERVER_URL="https://github.example",
-        GITHUB_RUN_ID="42",
-        GITHUB_WORKSPACE=str(project),
-        IMGCI_PROGRESS="plain",
-    )
+    env = _env(cli, **github_actions_env(tmp_path, project, api, SHA))
     env.update({"INPUT_CONFIG": "build.yaml", "INPUT_GITHUB-TOKEN": TOKEN, "INPUT_WORKING-DIRECTORY": str(project)})
     env.update({f"INPUT_{k.upper().replace('_', '-')}": v for k, v in inputs.items()})
     return env
@@ -128,20 +109,20 @@ def test_github_action_builds_pushes_and_reports(
         for tag in e["tags"]:
             assert _remote(registry, "gha/app", tag.rsplit(":", 1)[1]) == e["digest"]
     # $GITHUB_OUTPUT: digest, images, metadata
-    outputs = parse_outputs((tmp_path / "out").read_text())
+    outputs = parse_outputs((tmp_path / "gh-output").read_text())
     assert outputs["digest"] == a["digest"]
     images = outputs["images"].split(",")
     assert f"{registry.host}/gha/app:b@{b['digest']}" in images and len(images) == 4
     assert json.loads(outputs["metadata"])["entries"][1]["digest"] == b["digest"]
     # the step summary: a table row per entry with its digest
-    summary = (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "gh-summary.md").read_text()
     assert "app (flavour=a)" in summary and a["digest"][7:19] in summary
     # one log group per entry; a check run per entry on the commit
     assert proc.stdout.count("::group::") == 2 and proc.stdout.count("::endgroup::") == 2
     assert sorted(r["name"] for r in runs) == ["imgci: app (flavour=a)", "imgci: app (flavour=b)"]
     assert all(r["conclusion"] == "success" and r["head_sha"] == SHA for r in runs)
     assert all(r.authorization.endswith(TOKEN) for r in gh.requests)
-    _no_token_anywhere(proc.stdout, proc.stderr, meta_text, summary, (tmp_path / "out").read_text())
+    _no_token_anywhere(proc.stdout, proc.stderr, meta_text, summary, (tmp_path / "gh-output").read_text())
 
 
 def test_github_action_annotates_a_failed_run_step(
@@ -155,7 +136,7 @@ def test_github_action_annotates_a_failed_run_step(
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "::error file=Dockerfile,line=7" in proc.stdout, proc.stdout
     assert runs == {"imgci: app (flavour=good)": "success", "imgci: app (flavour=broken)": "failure"}
-    summary = (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "gh-summary.md").read_text()
     assert "Dockerfile:7" in summary
     meta = json.loads((project / "imgci-metadata.json").read_text())
     assert [e["status"] for e in meta["entries"]] == ["built", "failed"]

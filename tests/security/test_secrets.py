@@ -32,6 +32,7 @@ import zstandard
 
 from imgci.build.builder import secret_arg_warnings
 from tests.conftest import Imgci
+from tests.infra.ciemul import github_actions_env
 from tests.infra.fakegithub import FakeGitHub
 from tests.infra.registry import RegistryServer
 
@@ -147,26 +148,7 @@ def _github_env(cli: Imgci, tmp_path: Path, project: Path, api: str) -> dict[str
     env = {
         k: v for k, v in cli.environ().items() if k in keep or not k.startswith(("GITHUB_", "GITLAB_", "CI_", "INPUT_"))
     }
-    (tmp_path / "gh-output").write_text("")
-    (tmp_path / "gh-summary.md").write_text("")
-    event = tmp_path / "event.json"
-    event.write_text(json.dumps({"repository": {"default_branch": "main"}}))
-    env.update(
-        GITHUB_ACTIONS="true",
-        GITHUB_OUTPUT=str(tmp_path / "gh-output"),
-        GITHUB_STEP_SUMMARY=str(tmp_path / "gh-summary.md"),
-        GITHUB_REPOSITORY="acme/app",
-        GITHUB_SHA=SHA,
-        GITHUB_REF="refs/heads/main",
-        GITHUB_REF_NAME="main",
-        GITHUB_EVENT_NAME="push",
-        GITHUB_EVENT_PATH=str(event),
-        GITHUB_API_URL=api,
-        GITHUB_SERVER_URL="https://github.example",
-        GITHUB_RUN_ID="42",
-        GITHUB_WORKSPACE=str(project),
-        IMGCI_PROGRESS="plain",
-    )
+    env.update(github_actions_env(tmp_path, project, api, SHA))
     return env
 
 
