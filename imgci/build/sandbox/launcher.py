@@ -148,9 +148,8 @@ class Sandbox:
         redact = _Redactor(secret_values or [])
         out_r, out_w = os.pipe()
         tar_r, tar_w = os.pipe()
-        spec.output_fd, spec.tar_fd = out_w, tar_w
         try:
-            proc = self._start(pass_fds=(out_w, tar_w))
+            proc, (spec.output_fd, spec.tar_fd) = self._start(pass_fds=(out_w, tar_w))
         except BaseException:
             for fd in (out_r, out_w, tar_r, tar_w):
                 os.close(fd)
@@ -246,25 +245,31 @@ class Sandbox:
         result = replace(result, entry_count=int(info["entries"]))
         return RunOutcome(result, layer_dir, int(info["changes"]), warnings)
 
-    def _start(self, pass_fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
-        pythonpath = os.pathsep.join(p for p in sys.path if p)
-        env["PYTHONPATH"] = pythonpath
-        return subprocess.Popen(
+    def _start(self, pass_fds: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+        """A child and the numbers under which it sees ``pass_fds``: forked by the fork server when it works
+        (fds 3, 4, …), else a fresh ``python -m imgci._sandbox`` (same numbers)."""
+        from imgci.build.sandbox.forkserver import ForkServerError
+
+        server = _fork_server()
+        if server is not None:
+            try:
+                return server.spawn(pass_fds), tuple(range(3, 3 + len(pass_fds)))
+            except ForkServerError as e:
+                _disable_fork_server(str(e))
+        proc = subprocess.Popen(
             [sys.executable, "-m", "imgci._sandbox"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             pass_fds=pass_fds,
             close_fds=True,
-            env=env,
+            env=_child_env(),
             cwd="/",
             start_new_session=True,
         )
+        return proc, pass_fds
 
-    def _converse(
-        self, proc: subprocess.Popen[bytes], spec: ChildSpec, check: Callable[[], None]
-    ) -> list[dict[str, Any]]:
+    def _converse(self, proc: Any, spec: ChildSpec, check: Callable[[], None]) -> list[dict[str, Any]]:
         """Send the spec, answer ``maps``, collect events until ``done`` (polling ``check``)."""
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(spec.dumps().encode() + b"\n")
@@ -328,7 +333,7 @@ class _Prefixed:
         return self.f.read(n)
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
+def _kill(proc: Any) -> None:
     with contextlib.suppress(OSError):
         proc.send_signal(signal.SIGTERM)
     try:
@@ -338,6 +343,43 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
             proc.kill()
         with contextlib.suppress(Exception):
             proc.wait(timeout=10)
+
+
+def _child_env() -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
+
+
+_FORK_SERVER_LOCK = threading.Lock()
+_FORK_SERVER: list[Any] = []  # [ForkServer] once made; [None] when disabled
+
+
+def _fork_server() -> Any:
+    """The process's fork server (made on first use), or None when disabled (IMGCI_SANDBOX_FORK_SERVER=0) or
+    broken (then every child is a fresh interpreter, as before)."""
+    with _FORK_SERVER_LOCK:
+        if not _FORK_SERVER:
+            if os.environ.get("IMGCI_SANDBOX_FORK_SERVER", "1") == "0":
+                _FORK_SERVER.append(None)
+            else:
+                from imgci.build.sandbox.forkserver import ForkServer
+
+                _FORK_SERVER.append(ForkServer(_child_env()))
+        return _FORK_SERVER[0]
+
+
+def _disable_fork_server(reason: str) -> None:
+    import logging
+
+    logging.getLogger("imgci.sandbox").info("sandbox fork server disabled: %s", reason)
+    with _FORK_SERVER_LOCK:
+        server = _FORK_SERVER[0] if _FORK_SERVER else None
+        _FORK_SERVER[:] = [None]
+    if server is not None:
+        server.close()
 
 
 def _hosts(hostname: str) -> str:
