@@ -150,8 +150,13 @@ class LayerStore:
             path = self._hold(diff_id)
             if path is not None:
                 return path
-            fd = self._flock(diff_id, exclusive=True)
-            assert fd is not None  # blocking
+            # Never wait for the exclusive lock: another thread of this process may meanwhile have taken the
+            # layer's shared lock for good (_held, once another process unpacked it), and flock locks of one
+            # process on two descriptors conflict — waiting would be waiting for ourselves. Poll instead.
+            fd = self._flock(diff_id, exclusive=True, blocking=False)
+            if fd is None:
+                time.sleep(0.02)
+                continue
             try:
                 if not self.is_unpacked(diff_id):
                     self._unpack_blob(descriptor, diff_id)

@@ -396,6 +396,31 @@ def test_ensure_unpacked_works_once(store: Store) -> None:
         assert row.diff_id == r.diff_id and row.entries == 2 and row.size == 1
 
 
+def test_ensure_unpacked_never_waits_for_its_own_shared_lock(store: Store) -> None:
+    """Two threads of one process: one saw the layer missing, meanwhile another process unpacked it and another
+    thread took its shared lock for good. Waiting for the exclusive lock then meant waiting for ourselves (flock
+    locks of one process on two descriptors conflict): it must see the layer is there instead."""
+    import threading
+
+    r = write_layer(store, [f("x", b"x")])
+    with LayerStore(store) as ls:
+        ls.ensure_unpacked(r.descriptor, r.diff_id)  # unpacked, and the shared lock held by this LayerStore
+        real_hold = ls._hold
+        seen: list[Digest] = []
+
+        def stale_first(diff_id: Digest) -> Path | None:
+            seen.append(diff_id)
+            return None if len(seen) == 1 else real_hold(diff_id)  # the first look predates the unpack
+
+        ls._hold = stale_first  # type: ignore[method-assign]
+        done: list[Path] = []
+        t = threading.Thread(target=lambda: done.append(ls.ensure_unpacked(r.descriptor, r.diff_id)), daemon=True)
+        t.start()
+        t.join(timeout=10)
+        assert not t.is_alive(), "ensure_unpacked waited for a lock its own process holds"
+        assert done == [ls.layer_dir(r.diff_id)] and ls.unpack_count == 1
+
+
 def test_wrong_diff_id_keeps_nothing(store: Store, layers: LayerStore) -> None:
     r = write_layer(store, [f("x", b"x")])
     wrong = Digest("sha256:" + "1" * 64)
