@@ -48,6 +48,13 @@ def counted() -> Counter:
     return Counter()
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The user-level cache directory, inside the test's tmp dir (never the real ~/.cache)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "imgci" / "sandbox-probes.json"
+
+
 def test_second_build_reads_the_cache_and_gets_the_same_probes(tmp_path: Path, counted: Counter) -> None:
     first = probecache.probes_for_build(tmp_path, tmp_path, counted)
     second = probecache.probes_for_build(tmp_path, tmp_path, counted)
@@ -57,22 +64,35 @@ def test_second_build_reads_the_cache_and_gets_the_same_probes(tmp_path: Path, c
 
 
 def test_changed_facts_expiry_and_forget_probe_again(
-    tmp_path: Path, counted: Counter, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, counted: Counter, monkeypatch: pytest.MonkeyPatch, user_cache: Path
 ) -> None:
     probecache.probes_for_build(tmp_path, tmp_path, counted)
     monkeypatch.setenv("IMGCI_SANDBOX_PROBE_DENY", "overlay")  # a different fingerprint
     probecache.probes_for_build(tmp_path, tmp_path, counted)
     assert len(counted) == 2
     cache = tmp_path / "cache" / "sandbox-probes.json"
-    doc = json.loads(cache.read_text())
-    doc["time"] -= probecache.MAX_AGE + 1
-    cache.write_text(json.dumps(doc))
+    for path in (cache, user_cache):
+        doc = json.loads(path.read_text())
+        doc["time"] -= probecache.MAX_AGE + 1
+        path.write_text(json.dumps(doc))
     probecache.probes_for_build(tmp_path, tmp_path, counted)
     assert len(counted) == 3
     probecache.forget(tmp_path)
-    assert not cache.exists()
+    assert not cache.exists() and not user_cache.exists()
     probecache.probes_for_build(tmp_path, tmp_path, counted)
     assert len(counted) == 4
+
+
+def test_a_fresh_state_dir_on_the_same_file_system_reuses_the_user_cache(
+    tmp_path: Path, counted: Counter, user_cache: Path
+) -> None:
+    first, second = tmp_path / "state1", tmp_path / "state2"
+    for d in (first, second):
+        (d / "tmp").mkdir(parents=True)
+    probecache.probes_for_build(first, first / "tmp", counted)
+    assert user_cache.exists()
+    assert probecache.probes_for_build(second, second / "tmp", counted) == _probes()
+    assert len(counted) == 1  # a CI job's new state dir: no probing again
 
 
 def test_a_corrupt_cache_is_ignored(tmp_path: Path, counted: Counter) -> None:

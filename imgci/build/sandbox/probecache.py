@@ -2,11 +2,12 @@
 
 Contract: :func:`probes_for_build` returns the probes a build chooses its sandbox with. Probing starts several
 short-lived processes (0.3 s or more); the result depends only on facts that rarely change, so it is kept in
-``STATE/cache/sandbox-probes.json`` under a fingerprint of them (imgci's version, kernel, effective ids, this
-process's id maps, capabilities and seccomp mode, /etc/subuid and /etc/subgid, the newuidmap/newgidmap helpers,
-the probe hooks in the environment, and the directory probed) for a day. :func:`forget` drops it — the
-launcher calls it when a sandbox cannot be set up, so the next build probes afresh. ``imgci doctor`` always
-probes.
+``STATE/cache/sandbox-probes.json`` and in the user's cache directory (``$XDG_CACHE_HOME/imgci``, default
+``~/.cache/imgci``: a CI job's fresh state directory need not probe again) under a fingerprint of them (imgci's
+version, kernel, effective ids, this process's id maps, capabilities and seccomp mode, /etc/subuid and
+/etc/subgid, the newuidmap/newgidmap helpers, the probe hooks in the environment, and the file system the probes
+ran on: its device, type and options) for a day. :func:`forget` drops both — the launcher calls it when a
+sandbox cannot be set up, so the next build probes afresh. ``imgci doctor`` always probes.
 """
 
 from __future__ import annotations
@@ -69,9 +70,28 @@ def fingerprint(scratch: Path) -> str:
                 "kernel/apparmor_restrict_unprivileged_userns",
             )
         ],
-        "scratch": str(Path(scratch).resolve()),
+        "filesystem": _filesystem(Path(scratch)),
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _filesystem(path: Path) -> str:
+    """The file system ``path`` is on — device, type and super-block options (what overlay support depends on)."""
+    try:
+        dev = os.stat(path).st_dev
+    except OSError:
+        return str(path)
+    majmin = f"{os.major(dev)}:{os.minor(dev)}"
+    for line in _read("/proc/self/mountinfo").splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == majmin and " - " in line:
+            return f"{majmin} {line.split(' - ', 1)[1]}"
+    return majmin
+
+
+def _locations(state_dir: Path) -> list[Path]:
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgci"
+    return [Path(state_dir) / "cache" / _FILE, user / _FILE]
 
 
 def _dump(probes: Probes) -> dict[str, Any]:
@@ -91,22 +111,26 @@ def _load(doc: dict[str, Any]) -> Probes:
 
 
 def probes_for_build(state_dir: Path, scratch: Path, probe: Callable[[Path], Probes] = run_probes) -> Probes:
-    """The probes, from the cache when its fingerprint matches and it is fresh, else ``probe(scratch)`` (cached)."""
-    path = Path(state_dir) / "cache" / _FILE
+    """The probes, from a cache when its fingerprint matches and it is fresh, else ``probe(scratch)`` (cached)."""
     key = fingerprint(scratch)
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        doc = json.loads(path.read_text())
-        if doc.get("key") == key and time.time() - float(doc.get("time", 0)) < MAX_AGE:
-            return _load(doc["probes"])
+    locations = _locations(state_dir)
+    for path in locations:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            doc = json.loads(path.read_text())
+            if doc.get("key") == key and time.time() - float(doc.get("time", 0)) < MAX_AGE:
+                return _load(doc["probes"])
     probes = probe(scratch)
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{_FILE}.{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "time": time.time(), "probes": _dump(probes)}))
-        os.replace(tmp, path)
+    text = json.dumps({"key": key, "time": time.time(), "probes": _dump(probes)})
+    for path in locations:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{_FILE}.{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, path)
     return probes
 
 
 def forget(state_dir: Path) -> None:
-    with contextlib.suppress(OSError):
-        (Path(state_dir) / "cache" / _FILE).unlink()
+    for path in _locations(state_dir):
+        with contextlib.suppress(OSError):
+            path.unlink()
