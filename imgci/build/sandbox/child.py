@@ -198,6 +198,12 @@ def _wait(pid: int, pid_ns: bool) -> int:
 
     signal.signal(signal.SIGTERM, lambda signum, frame: kill())
     signal.signal(signal.SIGINT, lambda signum, frame: kill())
+    # P's exit wakes the select below at once (a SIGCHLD written to a wakeup pipe) instead of at the next poll:
+    # a 50 ms poll cost a small step 25 ms on average.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.set_wakeup_fd(wake_w)
     stdin = sys.stdin.fileno()
     watching = True
     while True:
@@ -207,16 +213,20 @@ def _wait(pid: int, pid_ns: bool) -> int:
             continue
         if done:
             break
-        if not watching:
-            time.sleep(0.05)
-            continue
         try:
-            readable, _, _ = select.select([stdin], [], [], 0.05)
-            if readable and not os.read(stdin, 4096):
+            readable, _, _ = select.select([stdin, wake_r] if watching else [wake_r], [], [], 0.5)
+            if wake_r in readable:
+                os.read(wake_r, 4096)
+            if stdin in readable and not os.read(stdin, 4096):
                 kill()  # the build process is gone
                 watching = False
         except (OSError, ValueError):
             watching = False
+            time.sleep(0.01)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.close(wake_r)
+    os.close(wake_w)
     if not pid_ns:
         _reap_descendants()
     return status
