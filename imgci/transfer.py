@@ -373,6 +373,17 @@ def _mount_sources(store: Store, registry: str, repository: str, hints: Iterable
 
 _ANY = Digest("sha256:" + "0" * 64)  # key for "try for every blob" in the mount-source map
 
+# One upload of a blob to a registry at a time in this process: pushes running in parallel (a build.yaml matrix
+# whose images share a base layer) wait for the first upload, then find the blob there (same repository) or mount
+# it (another repository named in their mount hints) instead of uploading it again.
+_UPLOADS_LOCK = threading.Lock()
+_UPLOADS: dict[tuple[str, str], threading.Lock] = {}
+
+
+def _upload_lock(registry: str, digest: Digest) -> threading.Lock:
+    with _UPLOADS_LOCK:
+        return _UPLOADS.setdefault((registry, digest.value), threading.Lock())
+
 
 def push_image(
     store: Store,
@@ -400,6 +411,10 @@ def push_image(
     lock = threading.Lock()
 
     def push_blob(desc: Descriptor) -> None:
+        with _upload_lock(dest_ref.registry, desc.digest):
+            push_blob_once(desc)
+
+    def push_blob_once(desc: Descriptor) -> None:
         key = desc.digest.short
         if client.blob_exists(repo, desc.digest, push=True) is not None:
             with lock:

@@ -129,6 +129,7 @@ class MatrixRun:
         self._stop = threading.Event()
         self._runs: dict[str, _EntryRun] = {}
         self._key_labels: dict[str, tuple[str, ...]] = {}
+        self._all_tags: list[str] = []
         self._live: BuildProgress | None = None
 
     # -- validation ---------------------------------------------------------------------------------------------
@@ -231,6 +232,7 @@ class MatrixRun:
             report.duration = time.monotonic() - started
             return report
         self._runs = {r.entry.id: r for r in runs}
+        self._all_tags = [t for r in runs for t in r.report.tags]
         from imgci.build.layerstore import LayerStore
         from imgci.build.resolver import StoreResolver
         from imgci.build.solver import Solver
@@ -397,7 +399,7 @@ class MatrixRun:
                 self.store,
                 tag,
                 client_factory=self.client_factory,
-                mount_from=[*mount_from, *rep.tags],
+                mount_from=[*mount_from, *rep.tags, *self._all_tags],  # other entries' repositories: mount, not upload
                 log=lambda m: self._entry_log(run, m),
             )
             rep.pushes.append(info)

@@ -98,6 +98,13 @@ def test_matrix_shares_the_base_stage_and_pushes_every_entry(
         assert e["image_key"].startswith("sha256:")
         assert e["size"] > 0 and e["build_seconds"] > 0
     assert meta["ok"] is True
+    # pushed in parallel, the layers the entries share were uploaded once: every distinct blob exactly once
+    distinct: set[str] = set()
+    for e in entries:
+        body, _ = client.get_manifest("matrix/app", e["matrix"]["flavour"])
+        manifest = json.loads(body)
+        distinct |= {manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])}
+    assert sum(e["pushes"][0]["uploaded_blobs"] for e in entries) == len(distinct)
     # the summary table is on stdout, one row per entry
     for f in flavours:
         assert f"app (flavour={f})" in proc.stdout
