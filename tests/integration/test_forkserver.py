@@ -46,26 +46,33 @@ def test_a_forked_child_runs_the_child_main_with_its_own_pipes(server: ForkServe
 
 
 def test_children_fork_concurrently_and_each_gets_its_own_status(server: ForkServer) -> None:
-    results: list[tuple[int, int]] = []
+    """Requests from many threads in flight at once: each thread must get its own child (its pid, its pipes, its
+    status) — half of them kill theirs, half let it fail, so a mix-up shows as a wrong status or a hang."""
+    results: dict[int, tuple[int, int]] = {}
     lock = threading.Lock()
+    start = threading.Barrier(8)
 
-    def one() -> None:
+    def one(n: int) -> None:
+        start.wait()
         child = server.spawn()
-        child.stdin.write(b"{}\n")  # a spec with no fields: an error event, exit 1
+        if n % 2:
+            child.send_signal(signal.SIGKILL)
+        else:
+            child.stdin.write(b"{}\n")  # a spec with no fields: an error event, exit 1
         child.stdin.close()
-        child.stdout.read()
+        child.stdout.read()  # EOF only when this thread's own child is gone
         code = child.wait(timeout=20)
         with lock:
-            results.append((child.pid, code))
+            results[n] = (child.pid, code)
 
-    threads = [threading.Thread(target=one) for _ in range(8)]
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
     assert len(results) == 8
-    assert len({pid for pid, _ in results}) == 8
-    assert {code for _, code in results} == {1}
+    assert len({pid for pid, _ in results.values()}) == 8
+    assert {n: code for n, (_, code) in results.items()} == {n: -signal.SIGKILL if n % 2 else 1 for n in range(8)}
 
 
 def test_a_child_can_be_killed_and_the_status_says_so(server: ForkServer) -> None:
@@ -101,3 +108,40 @@ def test_builds_give_the_same_layers_with_and_without_the_fork_server(
         imgci.env["IMGCI_SANDBOX_FORK_SERVER"] = flag
         digests.append(imgci.run("build", "--no-cache", "-q", str(ctx)).stdout.strip())
     assert digests[0] == digests[1]
+
+
+def test_answers_are_matched_to_their_requests_whatever_the_order() -> None:
+    """Each spawn gets the answer to its own request (by id), even when answers come in another order than the
+    requests went: the pipes a thread holds and the pid it is told must belong to the same child."""
+    import array
+    import socket
+
+    fs = ForkServer({})
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fs._sock = ours
+    threading.Thread(target=fs._read, args=(ours,), daemon=True).start()
+    got: list[tuple[int, bytes]] = []
+
+    def one() -> None:
+        child = fs.spawn()
+        got.append((child.pid, child.stdout.read()))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    requests = []
+    for _ in range(2):  # the fake server: take both requests, then answer the second first
+        data, anc, _, _ = theirs.recvmsg(1024, socket.CMSG_SPACE(8 * 4))
+        fds = array.array("i")
+        fds.frombytes(anc[0][2])
+        requests.append((json.loads(data)["id"], list(fds)))
+    for request, fds in reversed(requests):
+        os.write(fds[1], str(request).encode())  # the child's stdout says which request it answers
+        for fd in fds:
+            os.close(fd)
+        theirs.send(json.dumps({"id": request, "pid": 1000 + request}).encode())
+    for t in threads:
+        t.join(timeout=10)
+    assert sorted(got) == [(1000 + r, str(r).encode()) for r, _ in sorted(requests)]
+    theirs.close()
+    fs.close()

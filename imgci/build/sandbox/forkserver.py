@@ -79,8 +79,9 @@ class ForkServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._children: dict[int, ForkedChild] = {}
         self._early: dict[int, int] = {}  # statuses that came before the child was registered
-        self._pending: list[threading.Event] = []
-        self._answers: list[dict[str, Any]] = []
+        self._pending: dict[int, threading.Event] = {}  # request id -> set when its answer came
+        self._answers: dict[int, dict[str, Any]] = {}
+        self._next_id = 0
         self._broken = False
 
     def _start(self) -> socket.socket:
@@ -118,7 +119,7 @@ class ForkServer:
                 with self._lock:
                     self._broken = True
                     children = list(self._children.values())
-                    pending, self._pending = self._pending, []
+                    pending, self._pending = list(self._pending.values()), {}
                 for orphan in children:
                     orphan._set_status(-1)
                 for ev in pending:
@@ -132,10 +133,10 @@ class ForkServer:
                         self._early[msg["pid"]] = msg["status"]
                 if child is not None:
                     child._set_status(msg["status"])
-            else:
+            else:  # the answer to request msg["id"] (requests from several threads may be in flight)
                 with self._lock:
-                    self._answers.append(msg)
-                    waiter = self._pending.pop(0) if self._pending else None
+                    self._answers[msg["id"]] = msg
+                    waiter = self._pending.pop(msg["id"], None)
                 if waiter is not None:
                     waiter.set()
 
@@ -156,11 +157,14 @@ class ForkServer:
         ev = threading.Event()
         try:
             with self._lock:
-                self._pending.append(ev)
-                sock.sendmsg([b"{}"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", theirs).tobytes())])
+                request = self._next_id
+                self._next_id += 1
+                self._pending[request] = ev
+                fds = array.array("i", theirs).tobytes()
+                sock.sendmsg([json.dumps({"id": request}).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
             ev.wait()
             with self._lock:
-                answer = self._answers.pop(0) if self._answers else {"error": "the sandbox fork server is gone"}
+                answer = self._answers.pop(request, {"error": "the sandbox fork server is gone"})
         except BaseException:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
@@ -223,6 +227,7 @@ def serve(fd: int) -> None:
             data = b""
         if not data:
             return
+        request = json.loads(data).get("id")
         fds = array.array("i")
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -232,14 +237,14 @@ def serve(fd: int) -> None:
         except OSError as e:
             for f in fds:
                 os.close(f)
-            sock.send(json.dumps({"error": str(e)}).encode())
+            sock.send(json.dumps({"id": request, "error": str(e)}).encode())
             continue
         if pid == 0:
             _become_child(list(fds))
         for f in fds:
             os.close(f)
         children.add(pid)
-        sock.send(json.dumps({"pid": pid}).encode())
+        sock.send(json.dumps({"id": request, "pid": pid}).encode())
         _reap(sock, children)
 
 
