@@ -53,6 +53,52 @@ def _netloc(url: str) -> tuple[str, int]:
     return (parts.hostname or "").lower(), port
 
 
+_TLS_CONTEXTS: dict[str, ssl.SSLContext] = {}
+_TLS_CONTEXTS_LOCK = threading.Lock()
+
+
+def _tls_context(ca_path: str) -> ssl.SSLContext:
+    """One SSL context per CA bundle for the whole process: loading a bundle costs ~35 ms of CPU, and requests
+    would load it again for every new connection (four parallel blob transfers: four loads)."""
+    with _TLS_CONTEXTS_LOCK:
+        ctx = _TLS_CONTEXTS.get(ca_path)
+        if ctx is None:
+            from urllib3.util.ssl_ import create_urllib3_context
+
+            ctx = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+            if os.path.isdir(ca_path):
+                ctx.load_verify_locations(capath=ca_path)
+            else:
+                ctx.load_verify_locations(cafile=ca_path)
+            _TLS_CONTEXTS[ca_path] = ctx
+        return ctx
+
+
+@functools.cache
+def _adapter_class() -> type:
+    import requests.adapters
+
+    class CachedTLSAdapter(requests.adapters.HTTPAdapter):
+        """An HTTPAdapter whose connections verify with a shared, already loaded SSL context per CA bundle."""
+
+        def build_connection_pool_key_attributes(self, request: Any, verify: Any, cert: Any = None) -> Any:
+            host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+            ca = pool_kwargs.get("ca_certs") or pool_kwargs.get("ca_cert_dir")
+            if ca and pool_kwargs.get("cert_reqs") == "CERT_REQUIRED" and host_params.get("scheme") == "https":
+                pool_kwargs.pop("ca_certs", None)
+                pool_kwargs.pop("ca_cert_dir", None)
+                pool_kwargs["ssl_context"] = _tls_context(ca)
+            return host_params, pool_kwargs
+
+        def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+            super().cert_verify(conn, url, verify, cert)
+            if verify and (getattr(conn, "conn_kw", None) or {}).get("ssl_context") is not None:
+                conn.ca_certs = None  # the context has them already: not loaded again per connection
+                conn.ca_cert_dir = None
+
+    return CachedTLSAdapter
+
+
 def _default_verify() -> str | bool:
     for var in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
         path = os.environ.get(var)
@@ -147,7 +193,7 @@ class Transport:
 
                 s = requests.Session()
                 s.trust_env = False  # no ~/.netrc Authorization; proxies and CA bundle are chosen per request
-                adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
+                adapter = _adapter_class()(pool_connections=4, pool_maxsize=16, max_retries=0)
                 s.mount("https://", adapter)
                 s.mount("http://", adapter)
                 s.headers["User-Agent"] = self.user_agent
