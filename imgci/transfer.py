@@ -10,7 +10,8 @@ Contract (pull):
   ref and no unverified blob.
 
 Contract (push):
-- The local ref may name a manifest, or an index whose child manifests are all in the store. Each blob is checked
+- The local ref may name a manifest, or an index whose child manifests are all in the store. When the destination
+  tag already names the same manifest digest, nothing else is done (one HEAD). Otherwise each blob is checked
   with HEAD; a missing one is mounted from another repository of the same registry when one is known to hold it
   (``mount_from`` hints, plus local images pulled from that registry), else uploaded; blobs go in parallel.
   Manifests go last: an index's children by digest, then the top document by tag (or by digest).
@@ -406,6 +407,15 @@ def push_image(
             raise BlobNotFoundError(f"blob {desc.digest} of {local_name} is not in the local store")
     client = client_factory(dest_ref.registry)
     repo = dest_ref.repository
+    if dest_ref.tag is not None:
+        # The tag already names this very manifest (a re-push, a warm CI run): the registry accepted it only with
+        # every blob present, so one HEAD replaces a HEAD per blob and the manifest PUT.
+        there = client.head_manifest(dest_ref, push=True)
+        if there is not None and there.digest == rec.digest:
+            report(
+                "done", str(dest_ref), f"{dest_ref.tag}: digest: {rec.digest} (already there)", digest=rec.digest.value
+            )
+            return PushResult(dest_ref, rec.digest, top_type, 0, 0, len(blobs), 0)
     sources = _mount_sources(store, dest_ref.registry, repo, mount_from)
     counts = _PushCounts()
     lock = threading.Lock()

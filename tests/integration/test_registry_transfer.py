@@ -99,6 +99,19 @@ def test_repush_uploads_no_blob(proxy: FaultProxy, docker_config: Path, state: S
     assert (again.uploaded_blobs, again.skipped_blobs, again.uploaded_bytes) == (0, 3, 0)
     assert proxy.count("POST", r"/blobs/uploads/") == 0
     assert proxy.count("PATCH") == 0 and proxy.count("PUT", r"/blobs/") == 0
+    # the tag already names this manifest: one HEAD of it, nothing else
+    assert proxy.count("HEAD", r"/manifests/v1$") == 1
+    assert proxy.count("HEAD", r"/blobs/sha256:") == 0 and proxy.count("PUT") == 0
+
+
+def test_repush_to_a_moved_tag_checks_blobs_and_moves_it(proxy: FaultProxy, docker_config: Path, state: Store) -> None:
+    make_image(state, "localhost/app:1", [random_bytes(100_000), b"x" * 1000])
+    make_image(state, "localhost/app:2", [random_bytes(100_000), b"x" * 1000])
+    dest = parse(f"{proxy.host}/repush/moved:v1")
+    push_image(state, "localhost/app:1", dest, client_factory=pool())
+    proxy.clear()
+    second = push_image(state, "localhost/app:2", dest, client_factory=pool())
+    assert second.uploaded_blobs == 2 and second.skipped_blobs == 1  # the shared b"x" layer was there
     assert proxy.count("HEAD", r"/blobs/sha256:") == 3
     assert proxy.count("PUT", r"/manifests/v1$", status=201) == 1
 

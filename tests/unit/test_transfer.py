@@ -52,6 +52,11 @@ class MemoryRegistry:
         raw, mt = self.manifests[ref.repository][ref.identifier]
         return FetchedManifest(raw, mt, Digest.of(raw))
 
+    def head_manifest(self, ref: Reference, *, push: bool = False) -> Descriptor | None:
+        self._log("head_manifest", ref.repository, ref.identifier)
+        found = self.manifests.get(ref.repository, {}).get(ref.identifier)
+        return None if found is None else Descriptor(found[1], Digest.of(found[0]), len(found[0]))
+
     def put_manifest(self, repo: str, tag_or_digest: str, raw: bytes, media_type: str) -> Digest:
         self._log("put_manifest", repo, tag_or_digest)
         d = Digest.of(raw)
