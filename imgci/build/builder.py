@@ -156,7 +156,7 @@ def _instruction_identity(instr: Instruction) -> dict[str, Any]:
     d.pop("location", None)
     d["keyword"] = instr.keyword
     if isinstance(instr, AddInstruction):  # keys are exported with the cache: no URL credentials, even hashed
-        from imgci.build.remote import redact_url, redact_urls
+        from imgci.build.urls import redact_url, redact_urls
 
         d["original"] = redact_urls(instr.original)
         d["sources"] = [redact_url(s) for s in instr.sources]
@@ -684,7 +684,7 @@ def _source_name(key: str) -> str:
 
 def _display(instr: Instruction) -> str:
     """The instruction as progress, cache records and reports show it (URL credentials redacted)."""
-    from imgci.build.remote import redact_urls
+    from imgci.build.urls import redact_urls
 
     text = redact_urls(" ".join(instr.original.split()))
     return text if len(text) <= 200 else text[:197] + "..."

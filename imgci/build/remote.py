@@ -41,6 +41,7 @@ import requests
 
 from imgci.build import treepath
 from imgci.build.context import DirectoryFS
+from imgci.build.urls import redact_url, redact_urls  # noqa: F401  (re-exported: remote callers use them)
 from imgci.errors import BuildError, DigestMismatchError
 
 DEFAULT_MAX_SIZE = 8 << 30
@@ -53,27 +54,9 @@ _HEX = re.compile(r"^[0-9a-f]{7,64}$")
 _DIGEST = re.compile(r"^(sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128})$")
 
 SourceKind = Literal["git", "http", "local"]
+
+
 # scheme://userinfo@ in running text; greedy up to the last "@" of the authority, as urlsplit reads it.
-_URL_USERINFO = re.compile(r"(?<![A-Za-z0-9+.-])([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its user info (``user:password@``) replaced by ``xxxxx@``."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.scheme and "@" in parts.netloc:
-        return urllib.parse.urlunsplit(parts._replace(netloc="xxxxx@" + parts.netloc.rpartition("@")[2]))
-    return url  # no user info, or an SCP-like ssh address whose user name is not a secret
-
-
-def redact_urls(text: str) -> str:
-    """``text`` (an ADD line, say) with the user info of every ``scheme://user:password@host`` in it replaced by
-    ``xxxxx``, as :func:`redact_url` does for one URL."""
-    return _URL_USERINFO.sub(r"\1xxxxx@", text)
-
-
 def _secrets(url: str) -> list[str]:
     parts = urllib.parse.urlsplit(url)
     found = [s for s in (parts.username, parts.password) if s]

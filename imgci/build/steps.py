@@ -374,7 +374,7 @@ class CopyStep:
     def cache_input(self, state: ImageState, ws: Workspace) -> dict[str, Any]:
         """The instruction, what --from resolved to, WORKDIR, and the content digest of the context files read."""
         from imgci.build.copyplan import source_digest
-        from imgci.build.remote import redact_url, redact_urls
+        from imgci.build.urls import redact_url, redact_urls
 
         i = self.instruction
         # URL credentials stay out of the inputs (cache records are exported): what a URL served is the key
@@ -437,7 +437,7 @@ class CopyStep:
 
 def _copy_history(i: CopyInstruction | AddInstruction) -> str:
     """The history entry, without the credentials of ``ADD http://user:password@host/…``."""
-    from imgci.build.remote import redact_urls
+    from imgci.build.urls import redact_urls
 
     text = i.original
     if text.upper().startswith(("COPY ", "ADD ")):

@@ -278,3 +278,18 @@ def test_base_image_only_in_the_registry_is_pulled(
     fresh.run("build", "-t", "test/from-registry:1", str(ctx))
     assert sorted(fresh.run("ls", "-q").stdout.split()) == sorted([remote, "test/from-registry:1"])
     assert (_files(fresh, "test/from-registry:1", tmp_path) / "bin" / "busybox").exists()
+
+
+def test_a_build_from_local_images_imports_no_http_or_ci_stack(imgci: Imgci, busybox: str, tmp_path: Path) -> None:
+    """Start-up is a cost of every build: a build whose base image is in the store never imports requests (the
+    registry client), PyGithub, pydantic or PyYAML (PYTHONPROFILEIMPORTTIME lists every module imported)."""
+    ctx = tmp_path / "lazy"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {busybox}\nENV A=1\nCOPY Dockerfile /d\n")
+    imgci.env["PYTHONPROFILEIMPORTTIME"] = "1"
+    for _ in range(2):  # cold, then cached
+        proc = imgci.run("build", "-q", str(ctx))
+        imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+        assert "imgci.build.builder" in imported  # the listing is there
+        for heavy in ("requests", "github", "pydantic", "yaml"):
+            assert heavy not in imported, f"{heavy} was imported by a build from local images"
