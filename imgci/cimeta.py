@@ -134,7 +134,7 @@ def run_git_command(args: list[str], cwd: Path) -> str:
 
 
 def _github(env: Mapping[str, str]) -> CIMeta:
-    event = _read_event(env.get("GITHUB_EVENT_PATH", ""))
+    event = read_event(env.get("GITHUB_EVENT_PATH", ""))
     ref = env.get("GITHUB_REF", "")
     branch = tag = pr = ""
     if ref.startswith("refs/heads/"):
@@ -239,7 +239,8 @@ def _derive(meta: CIMeta, overrides: dict[str, str]) -> CIMeta:
     return replace(meta, **changes)
 
 
-def _read_event(path: str) -> dict[str, Any]:
+def read_event(path: str) -> dict[str, Any]:
+    """The GitHub Actions event JSON at ``path`` (``GITHUB_EVENT_PATH``); {} when absent or unreadable."""
     if not path:
         return {}
     try:

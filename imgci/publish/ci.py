@@ -16,7 +16,6 @@ Contract:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -183,14 +182,9 @@ def details_url(env: Mapping[str, str]) -> str:
 
 
 def _event(env: Mapping[str, str]) -> dict[str, Any]:
-    path = env.get("GITHUB_EVENT_PATH", "")
-    if not path:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    from imgci.cimeta import read_event  # the CI environment's facts live there (imports nothing of imgci)
+
+    return read_event(env.get("GITHUB_EVENT_PATH", ""))
 
 
 def _dig(data: Mapping[str, Any], *keys: str) -> Any:

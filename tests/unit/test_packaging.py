@@ -6,13 +6,11 @@ runs with a fake imgci.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -34,17 +32,7 @@ ACTION_USES = "imgci/img-action@"
 EXPRESSION = re.compile(r"\$\{\{(.*?)\}\}", re.S)
 
 
-def load_entrypoint() -> ModuleType:
-    """entrypoint.py is a script at the repository root, not part of the package: load it by path."""
-    spec = importlib.util.spec_from_file_location("imgci_action_entrypoint", REPO / "entrypoint.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-entrypoint = load_entrypoint()
+from tests.unit.test_entrypoint import entrypoint  # noqa: E402  (entrypoint.py loaded once, by path)
 
 
 def load(path: Path) -> Any:
