@@ -283,8 +283,35 @@ def _ref(ws: Any, layer: Layer) -> Any:
     from imgci.build.sandbox.spec import LayerRef
 
     return LayerRef(
-        str(ws.store.blob_path(layer.descriptor.digest)), layer.descriptor.digest.value, layer.diff_id.value
+        str(ws.store.blob_path(layer.descriptor.digest)),
+        layer.descriptor.digest.value,
+        layer.diff_id.value,
+        _linkable(ws.layers, layer),
     )
+
+
+def _linkable(layers: Any, layer: Layer) -> str:
+    """The unpacked layer directory an overlay snapshot can be hard-linked from ("" when it must be extracted):
+    only a privileged unpack has every file's owner, mode and xattrs on disk, and only a layer without whiteouts,
+    opaque directories, device nodes (kept in the index only) or hard links to files of lower layers is complete
+    on disk. Saves writing every file of a COPY layer a second time for the RUN after it."""
+    if layers is None or getattr(layers, "unprivileged", True) or os.geteuid() != 0:
+        return ""
+    if os.environ.get("IMGCI_SNAPSHOT_LINKS", "1") == "0":  # extract every snapshot from its blob (for comparison)
+        return ""
+    try:
+        if not layers.is_unpacked(layer.diff_id):
+            return ""
+        index = layers.index(layer.diff_id)
+    except (OSError, ImgciError):
+        return ""
+    if index.whiteouts or index.opaque:
+        return ""
+    for record in index.entries.values():
+        kind, link = record[0], record[6]
+        if kind in ("char", "block") or (kind == "hardlink" and link not in index.entries):
+            return ""
+    return str(layers.layer_root(layer.diff_id))
 
 
 def _size(text: str) -> int:

@@ -587,3 +587,33 @@ def test_run_gets_dockers_default_capabilities_only(imgci: Imgci, busybox: str, 
         "CapBnd:",
         "00000000a80425fb",
     ]
+
+
+def test_a_run_after_copy_is_the_same_whether_its_snapshot_is_linked_or_extracted(
+    imgci_factory: Callable[[], Imgci], busybox_tar: Path, tmp_path: Path
+) -> None:
+    """A COPY layer's overlay snapshot is made of hard links to the layer store's unpacked copy (as root); the RUN
+    on top of it must give the very same layers as with the snapshot extracted from the blob, and as native."""
+    ctx = tmp_path / "ctx"
+    (ctx / "app" / "bin").mkdir(parents=True)
+    (ctx / "app" / "bin" / "tool").write_text("#!/bin/sh\necho tool\n")
+    (ctx / "app" / "bin" / "tool").chmod(0o755)
+    (ctx / "app" / "conf").write_text("a=1\n")
+    (ctx / "app" / "gone").write_text("removed by the RUN\n")
+    (ctx / "app" / "current").symlink_to("bin/tool")
+    (ctx / "Dockerfile").write_text(
+        "FROM localhost/busybox:latest\n"
+        "COPY --chown=1000:1000 app/ /app/\n"
+        "RUN echo b=2 >> /app/conf && chmod 700 /app/bin/tool && rm /app/gone && ln /app/conf /app/conf.hard"
+        " && chown 0:0 /app/bin && cat /app/current > /dev/null\n"
+    )
+    digests = {}
+    for name, backend, links in (("linked", "overlay", "1"), ("extracted", "overlay", "0"), ("native", "native", "1")):
+        cli = imgci_factory()
+        cli.env.update(SOURCE_DATE_EPOCH=EPOCH, IMGCI_SNAPSHOT_LINKS=links)
+        cli.run("import", str(busybox_tar), "localhost/busybox:latest")
+        digests[name] = cli.run("build", "-q", "-b", backend, "--isolation", "userns", str(ctx)).stdout.strip()
+        if name == "linked":  # the snapshot of the COPY layer shares its files' inodes with the layer store
+            linked = [p for p in cli.state.glob("snapshots/*/*/app/conf") if p.stat().st_nlink >= 2]
+            assert linked, "the COPY layer's snapshot was extracted, not linked"
+    assert digests["linked"] == digests["extracted"] == digests["native"], digests

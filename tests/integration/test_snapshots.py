@@ -51,3 +51,54 @@ def test_a_hardlink_to_a_lower_layers_file_becomes_a_copy_of_the_visible_one(tmp
         ensure_snapshot(
             snaps, _layer(tmp_path, "again.tar", [(link, b""), _file("x", b"x")]), [hidden, low], flavor="trusted"
         )
+
+
+def _tree(root: Path) -> dict[str, tuple[object, ...]]:
+    """Every entry below ``root`` with what a lower layer shows: type, mode, owner, mtime, content/target, xattrs."""
+    import os
+    import stat
+
+    out: dict[str, tuple[object, ...]] = {}
+    for p in sorted(root.rglob("*")):
+        st = os.lstat(p)
+        if stat.S_ISREG(st.st_mode):
+            what: object = p.read_bytes()
+        elif stat.S_ISLNK(st.st_mode):
+            what = os.readlink(p)
+        else:
+            what = stat.S_IFMT(st.st_mode)
+        names = os.listxattr(p, follow_symlinks=False)
+        xattrs = tuple(sorted((n, os.getxattr(p, n, follow_symlinks=False)) for n in names))
+        mtime = None if stat.S_ISDIR(st.st_mode) else st.st_mtime_ns  # a directory's: when its entries were made
+        out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, mtime, what, xattrs)
+    return out
+
+
+def test_a_snapshot_linked_from_the_unpacked_layer_equals_the_extracted_one(tmp_path: Path) -> None:
+    """The same layer, extracted from its blob and linked from the layer store's unpacked copy (a privileged unpack
+    of a layer without whiteouts or devices): the same tree, and the files are the unpacked copy's inodes."""
+    import os
+
+    from imgci.build.layerindex import LayerIndexBuilder
+    from imgci.layerfs import extract_layer_dir
+
+    sym = tarfile.TarInfo("app/current")
+    sym.type, sym.linkname, sym.mtime = tarfile.SYMTYPE, "v1", 1_600_000_000
+    exe = _file("app/v1/run.sh", b"#!/bin/sh\necho hi\n")
+    exe[0].mode, exe[0].uid, exe[0].gid = 0o4755, 1234, 5678
+    exe[0].pax_headers = {"SCHILY.xattr.user.note": "kept"}
+    hard = tarfile.TarInfo("app/v1/again.sh")
+    hard.type, hard.linkname = tarfile.LNKTYPE, "app/v1/run.sh"
+    folder = tarfile.TarInfo("app/v1")
+    folder.type, folder.mode, folder.mtime, folder.uid = tarfile.DIRTYPE, 0o750, 1_500_000_000, 42
+    layer = _layer(tmp_path, "copy.tar", [(folder, b""), exe, (hard, b""), (sym, b""), _file("etc/motd", b"hello\n")])
+    unpacked = tmp_path / "layers" / "root"
+    unpacked.mkdir(parents=True)
+    with open(layer.blob, "rb") as f:
+        extract_layer_dir(f, unpacked, LayerIndexBuilder().record, unprivileged=False)
+    extracted, _ = ensure_snapshot(tmp_path / "extracted", layer, [], flavor="trusted")
+    linked_ref = LayerRef(layer.blob, layer.digest, layer.diff_id, unpacked=str(unpacked))
+    linked, stats = ensure_snapshot(tmp_path / "linked", linked_ref, [], flavor="trusted")
+    assert stats is None  # nothing was extracted
+    assert _tree(linked) == _tree(extracted)
+    assert os.stat(linked / "app/v1/run.sh").st_ino == os.stat(unpacked / "app/v1/run.sh").st_ino

@@ -141,13 +141,16 @@ def ensure_snapshot(
     snapshots.mkdir(parents=True, exist_ok=True)
     tmp = snapshots / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
     tmp.mkdir()
+    stats: ApplyStats | None = None
     try:
-        applier = OverlayLayerApplier(tmp, flavor, lowers, unprivileged)
-        try:
-            _apply_blob(applier, layer)
-            applier.finish()
-        finally:
-            applier.close()
+        if not (layer.unpacked and not unprivileged and _link_tree(Path(layer.unpacked), tmp)):
+            applier = OverlayLayerApplier(tmp, flavor, lowers, unprivileged)
+            try:
+                _apply_blob(applier, layer)
+                applier.finish()
+            finally:
+                applier.close()
+            stats = applier.stats
         try:
             os.rename(tmp, final)
         except OSError:
@@ -157,7 +160,55 @@ def ensure_snapshot(
     except BaseException:
         remove_tree(tmp)
         raise
-    return final, applier.stats
+    return final, stats
+
+
+def _link_tree(src: Path, dst: Path) -> bool:
+    """Recreate the unpacked layer ``src`` in the empty directory ``dst``: directories, symlinks and FIFOs with
+    their owner, mode, times and xattrs, regular files as hard links (same inode: same content and metadata; the
+    snapshot is an overlay lower layer, never written). False, with ``dst`` emptied, when something cannot be
+    reproduced this way — the caller then extracts the blob."""
+    dirs: list[tuple[str, str]] = [(str(src), str(dst))]
+    try:
+        for dirpath, dirnames, filenames in os.walk(src):
+            rel = os.path.relpath(dirpath, src)
+            target_dir = str(dst) if rel == "." else os.path.join(dst, rel)
+            for name in [*dirnames, *filenames]:
+                s_path, d_path = os.path.join(dirpath, name), os.path.join(target_dir, name)
+                st = os.lstat(s_path)
+                if stat.S_ISDIR(st.st_mode):
+                    os.mkdir(d_path, 0o700)
+                    dirs.append((s_path, d_path))
+                elif stat.S_ISREG(st.st_mode):
+                    os.link(s_path, d_path, follow_symlinks=False)
+                elif stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(s_path), d_path)
+                    _copy_meta(s_path, d_path, st)
+                elif stat.S_ISFIFO(st.st_mode):
+                    os.mkfifo(d_path, 0o600)
+                    _copy_meta(s_path, d_path, st)
+                else:
+                    raise OSError(f"cannot link {s_path}")
+        for s_path, d_path in reversed(dirs):  # children first: creating entries changes a directory's mtime
+            _copy_meta(s_path, d_path, os.lstat(s_path))
+    except OSError:
+        for child in list(dst.iterdir()):
+            if child.is_dir() and not child.is_symlink():
+                remove_tree(child)
+            else:
+                child.unlink()
+        return False
+    return True
+
+
+def _copy_meta(src: str, dst: str, st: os.stat_result) -> None:
+    link = stat.S_ISLNK(st.st_mode)
+    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+    if not link:
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    for name in os.listxattr(src, follow_symlinks=False):
+        os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 class _CrcReader:

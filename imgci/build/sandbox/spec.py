@@ -27,6 +27,10 @@ class LayerRef:
     blob: str  # absolute path of the blob file
     digest: str
     diff_id: str
+    # The layer store's unpacked copy (STATE/layers/<hex>/root) when the snapshot may be made of hard links to it
+    # instead of extracting the blob again: a privileged unpack (exact metadata) of a layer without whiteouts,
+    # device nodes or hard links into lower layers. "" otherwise.
+    unpacked: str = ""
 
 
 @dataclass
