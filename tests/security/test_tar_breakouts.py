@@ -46,6 +46,7 @@ from imgci.store import Store
 from imgci.tarstream import MAX_DEPTH
 from tests.conftest import Imgci
 from tests.infra import rootfs as tb
+from tests.infra.canary import outside_snapshot
 
 ROOT = os.geteuid() == 0
 SECRET = b"TOP-SECRET-CANARY-7f3a"  # searched for wherever imgci might have copied it
@@ -86,22 +87,8 @@ class Sandbox:
         return self.target.parent / "canary.txt"
 
     def snapshot(self) -> dict[str, tuple[Any, ...]]:
-        """Everything but the target: path -> (mode, uid, gid, nlink, mtime, content digest or link target)."""
-        seen: dict[str, tuple[Any, ...]] = {}
-        for dirpath, dirnames, filenames in os.walk(self.base):
-            if Path(dirpath) == self.target.parent and self.target.name in dirnames:
-                dirnames.remove(self.target.name)
-            for name in [".", *dirnames, *filenames]:
-                p = Path(dirpath, name)
-                st = p.lstat()
-                body: Any = None
-                if stat.S_ISLNK(st.st_mode):
-                    body = os.readlink(p)
-                elif stat.S_ISREG(st.st_mode):
-                    body = hashlib.sha256(p.read_bytes()).hexdigest()
-                key = os.path.normpath(p.relative_to(self.base))
-                seen[key] = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_mtime_ns, body)
-        return seen
+        """Everything but the target (tests/infra/canary.py)."""
+        return outside_snapshot(self.base, self.target)
 
     def subst(self, text: str) -> str:
         return text.replace("@OUT@", str(self.outside)).replace("@CANARY@", str(self.canary))

@@ -28,6 +28,7 @@ from imgci.oci import OCI_CONFIG, Descriptor, ImageConfig, Manifest
 from imgci.store import Store
 from imgci.tarstream import MAX_DEPTH, safe_parts
 from tests.infra import rootfs as tb
+from tests.infra.canary import outside_snapshot
 
 ROOT = os.geteuid() == 0
 
@@ -44,27 +45,8 @@ class Sandbox:
         return self.target.parent / "outside"
 
     def snapshot(self) -> dict[str, tuple[Any, ...]]:
-        """Everything but the target: path -> (mode, uid, nlink, mtime, content or link target)."""
-        seen: dict[str, tuple[Any, ...]] = {}
-        for dirpath, dirnames, filenames in os.walk(self.base):
-            if Path(dirpath) == self.target.parent:
-                dirnames.remove("target")
-            for name in [".", *dirnames, *filenames]:
-                p = Path(dirpath, name)
-                st = p.lstat()
-                body: Any = None
-                if stat.S_ISLNK(st.st_mode):
-                    body = os.readlink(p)
-                elif stat.S_ISREG(st.st_mode):
-                    body = hashlib.sha256(p.read_bytes()).hexdigest()
-                seen[os.path.normpath(p.relative_to(self.base))] = (
-                    st.st_mode,
-                    st.st_uid,
-                    st.st_nlink,
-                    st.st_mtime_ns,
-                    body,
-                )
-        return seen
+        """Everything but the target (tests/infra/canary.py)."""
+        return outside_snapshot(self.base, self.target)
 
     def apply(self, *layers: list[Any], unprivileged: bool | None = None) -> None:
         for entries in layers:
