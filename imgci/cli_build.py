@@ -72,21 +72,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--push", action="store_true", help="shorthand for --output type=registry")
     p.add_argument("--iidfile", help="write the image (manifest) digest to this file")
     p.add_argument("--metadata-file", help="write build metadata as JSON (buildx keys) to this file")
-    p.add_argument("--compression", choices=["gzip", "zstd", "uncompressed"], default="gzip", help="layer compression")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image digest")
-    p.add_argument(
-        "-b",
-        "--backend",
-        choices=["auto", "native", "overlay"],
-        default="auto",
-        help="RUN snapshotter: overlay (kernel overlayfs) or native (copy and diff); auto probes (img's -b)",
-    )
-    p.add_argument(
-        "--isolation",
-        choices=["auto", "userns", "chroot"],
-        default=os.environ.get("IMGCI_ISOLATION", "auto"),
-        help="RUN sandbox: userns (rootless), chroot (root in an unprivileged container); auto probes",
-    )
+    add_engine_flags(p)
     p.add_argument(
         "--secret",
         action="append",
@@ -106,6 +93,24 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         choices=["default", "host", "none"],
         default="default",
         help="network for RUN steps without --network (default: host)",
+    )
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """How layers are made: compression, RUN snapshotter and sandbox (``build`` and ``run`` share them)."""
+    p.add_argument("--compression", choices=["gzip", "zstd", "uncompressed"], default="gzip", help="layer compression")
+    p.add_argument(
+        "-b",
+        "--backend",
+        choices=["auto", "native", "overlay"],
+        default="auto",
+        help="RUN snapshotter: overlay (kernel overlayfs) or native (copy and diff); auto probes (img's -b)",
+    )
+    p.add_argument(
+        "--isolation",
+        choices=["auto", "userns", "chroot"],
+        default=os.environ.get("IMGCI_ISOLATION", "auto"),
+        help="RUN sandbox: userns (rootless), chroot (root in an unprivileged container); auto probes",
     )
 
 

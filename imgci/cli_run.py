@@ -53,11 +53,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--pr-comment", action="store_true", help="post (and update in place) one PR comment")
     p.add_argument("--cache-from", action="append", default=[], metavar="SPEC", help="added to every entry")
     p.add_argument("--cache-to", action="append", default=[], metavar="SPEC", help="added to every entry")
-    p.add_argument(
-        "--isolation", choices=["auto", "userns", "chroot"], default=os.environ.get("IMGCI_ISOLATION", "auto")
-    )
-    p.add_argument("-b", "--backend", choices=["auto", "native", "overlay"], default="auto", help="RUN snapshotter")
-    p.add_argument("--compression", choices=["gzip", "zstd", "uncompressed"], default="gzip")
+    from imgci.cli_build import add_engine_flags
+
+    add_engine_flags(p)
     p.add_argument("--jobs", type=int, default=0, metavar="N", help="entries built at once (default: all)")
 
     p = sub.add_parser(

@@ -34,7 +34,7 @@ from imgci.build.builder import IMAGE_KEY_LABEL, Builder, BuildRequest, BuildRes
 from imgci.build.solver import Cancelled, VertexEvent
 from imgci.buildui import BuildProgress
 from imgci.config import Entry, Plan
-from imgci.errors import BuildError, DockerfileError, ImgciError, UsageError
+from imgci.errors import BuildError, DockerfileError, ImgciError
 from imgci.oci import Descriptor, Index, Manifest, Platform
 from imgci.publish.ci import CIReporter
 from imgci.publish.push import push_tag, remote_image, retag
@@ -543,7 +543,3 @@ def _index_key(keys: list[str]) -> str:
 
     return "sha256:" + hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
-
-def check_usage(plan: Plan) -> None:
-    if not plan.entries:
-        raise UsageError(f"{plan.path}: nothing to build (no targets selected)")
