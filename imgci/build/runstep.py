@@ -302,16 +302,26 @@ def _linkable(layers: Any, layer: Layer) -> str:
     try:
         if not layers.is_unpacked(layer.diff_id):
             return ""
-        index = layers.index(layer.diff_id)
+        complete = _COMPLETE_ON_DISK.get(layer.diff_id.value)
+        if complete is None:  # what a layer holds never changes: look at its index once per process, not per RUN
+            complete = _complete_on_disk(layers.index(layer.diff_id))
+            _COMPLETE_ON_DISK[layer.diff_id.value] = complete
     except (OSError, ImgciError):
         return ""
+    return str(layers.layer_root(layer.diff_id)) if complete else ""
+
+
+_COMPLETE_ON_DISK: dict[str, bool] = {}  # diff_id -> whether its unpacked directory holds all of it
+
+
+def _complete_on_disk(index: Any) -> bool:
     if index.whiteouts or index.opaque:
-        return ""
+        return False
     for record in index.entries.values():
         kind, link = record[0], record[6]
         if kind in ("char", "block") or (kind == "hardlink" and link not in index.entries):
-            return ""
-    return str(layers.layer_root(layer.diff_id))
+            return False
+    return True
 
 
 def _size(text: str) -> int:

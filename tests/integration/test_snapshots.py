@@ -102,3 +102,12 @@ def test_a_snapshot_linked_from_the_unpacked_layer_equals_the_extracted_one(tmp_
     assert stats is None  # nothing was extracted
     assert _tree(linked) == _tree(extracted)
     assert os.stat(linked / "app/v1/run.sh").st_ino == os.stat(unpacked / "app/v1/run.sh").st_ino
+
+
+def test_a_missing_unpacked_copy_falls_back_to_extracting_the_blob(tmp_path: Path) -> None:
+    """An unpacked directory that is gone (or cannot be listed) never yields an empty or partial snapshot."""
+    layer = _layer(tmp_path, "one.tar", [_file("etc/motd", b"hello\n")])
+    ref = LayerRef(layer.blob, layer.digest, layer.diff_id, unpacked=str(tmp_path / "gone" / "root"))
+    snap, stats = ensure_snapshot(tmp_path / "snaps", ref, [], flavor="trusted")
+    assert stats is not None  # extracted
+    assert (snap / "etc" / "motd").read_bytes() == b"hello\n"

@@ -169,8 +169,14 @@ def _link_tree(src: Path, dst: Path) -> bool:
     snapshot is an overlay lower layer, never written). False, with ``dst`` emptied, when something cannot be
     reproduced this way — the caller then extracts the blob."""
     dirs: list[tuple[str, str]] = [(str(src), str(dst))]
+
+    def unreadable(e: OSError) -> None:
+        raise e  # os.walk would skip a directory it cannot list: the snapshot would silently lack it
+
     try:
-        for dirpath, dirnames, filenames in os.walk(src):
+        if not src.is_dir():
+            raise FileNotFoundError(f"no unpacked layer at {src}")
+        for dirpath, dirnames, filenames in os.walk(src, onerror=unreadable):
             rel = os.path.relpath(dirpath, src)
             target_dir = str(dst) if rel == "." else os.path.join(dst, rel)
             for name in [*dirnames, *filenames]:
