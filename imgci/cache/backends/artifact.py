@@ -86,12 +86,7 @@ def _records(items: Any, where: str) -> list[CacheRecord]:
 
 def parse_records_document(raw: bytes, where: str) -> tuple[list[CacheRecord], dict[str, float]]:
     """(records, last-used times by key) from a records blob; ``where`` names it in errors."""
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CacheFormatError(f"{where}: the cache records are not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise CacheFormatError(f"{where}: the cache records are not a JSON object")
+    doc = _json_object(raw, where, "the cache records document")
     version = doc.get("version")
     if version != RECORDS_VERSION:
         raise CacheFormatError(
@@ -125,12 +120,16 @@ def cache_manifest(records_blob: Descriptor, records: list[CacheRecord]) -> byte
 
 
 def manifest_json(raw: bytes, where: str) -> dict[str, Any]:
+    return _json_object(raw, where, "the manifest")
+
+
+def _json_object(raw: bytes, where: str, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise CacheFormatError(f"{where}: the manifest is not JSON: {e}") from None
+        raise CacheFormatError(f"{where}: {what} is not JSON: {e}") from None
     if not isinstance(doc, dict):
-        raise CacheFormatError(f"{where}: the manifest is not a JSON object")
+        raise CacheFormatError(f"{where}: {what} is not a JSON object")
     return doc
 
 
