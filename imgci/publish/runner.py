@@ -141,6 +141,11 @@ class MatrixRun:
 
         problems: list[tuple[Entry | None, ErrorInfo]] = []
         runs: list[_EntryRun] = []
+        try:  # the command line's, for every entry: checked once, and not blamed on a build.yaml line
+            extra_from = [parse_cache_from(s) for s in self.options.cache_from]
+            extra_to = [parse_cache_to(s) for s in self.options.cache_to]
+        except ImgciError as e:
+            raise PlanError([(None, ErrorInfo(e.message, e.hint or "", phase="config"))]) from None
         for entry in self.plan.entries:
             report = EntryReport(
                 id=entry.id,
@@ -154,8 +159,8 @@ class MatrixRun:
             try:
                 platforms: list[Platform | None] = [Platform.parse(p).normalized() for p in entry.platforms]
                 platforms = platforms or [None]
-                cache_from = [parse_cache_from(s) for s in [*entry.cache_from, *self.options.cache_from]]
-                cache_to = [parse_cache_to(s) for s in [*entry.cache_to, *self.options.cache_to]]
+                cache_from = [*(parse_cache_from(s) for s in entry.cache_from), *extra_from]
+                cache_to = [*(parse_cache_to(s) for s in entry.cache_to), *extra_to]
                 outputs = [parse_output(o) for o in entry.outputs]
                 outputs = [o for o in outputs if not (o.type == "image" and not o.push)]
                 secrets = _secrets(entry.secrets)
@@ -410,7 +415,7 @@ class MatrixRun:
 
     def _export_caches(self, runs: list[_EntryRun]) -> None:
         """One export per distinct cache_to spec, with the union of its entries' records."""
-        from imgci.cache.backends import make_exporter
+        from imgci.cache.backends import fetcher, make_exporter
 
         groups: dict[str, tuple[Any, list[_EntryRun]]] = {}
         for r in runs:
@@ -420,7 +425,14 @@ class MatrixRun:
                 groups.setdefault(spec.raw or f"{spec.describe()},mode={spec.mode}", (spec, []))[1].append(r)
         for spec, members in groups.values():
             notes: list[str] = []
-            exporter = make_exporter(spec, client_factory=self.client_factory, on_note=notes.append)
+            # the entries' images and registry caches may hold the layers already: mount them, not upload
+            mount_from = [t for r in members for t in r.report.tags]
+            mount_from += [
+                c.location for r in members for req in r.requests for c in req.cache_importers if c.type == "registry"
+            ]
+            exporter = make_exporter(
+                spec, client_factory=self.client_factory, mount_from=mount_from, on_note=notes.append
+            )
             if exporter is None:
                 continue
             records: dict[str, Any] = {}
@@ -432,15 +444,8 @@ class MatrixRun:
                     caches.append(result.cache)
                     for record in result.cache.records_for_export(spec.mode, result.state.cache_key):
                         records.setdefault(record.key, record)
-
-            def fetch(descriptor: Descriptor, caches: list[Any] = caches) -> None:
-                from types import SimpleNamespace
-
-                for cache in caches:
-                    cache.ensure([SimpleNamespace(descriptor=descriptor)])
-
             try:
-                done = exporter.export(list(records.values()), self.store, fetch)
+                done = exporter.export(list(records.values()), self.store, fetcher(*caches))
                 line = f"cache export to {exporter.describe()}: {done.summary()}"
             except ImgciError as e:
                 line = f"warning: cache export to {exporter.describe()} failed: {e.message}"
@@ -542,4 +547,3 @@ def _index_key(keys: list[str]) -> str:
     import hashlib
 
     return "sha256:" + hashlib.sha256("\n".join(keys).encode()).hexdigest()
-

@@ -217,3 +217,34 @@ def test_dry_run_and_plan(imgci: Imgci, tmp_path: Path) -> None:
     # each shard is runnable on its own
     _, meta = _run(imgci, project, "--dry-run", "--only", "app-b")
     assert [e["id"] for e in meta["entries"]] == ["app-b"]
+
+
+def test_entries_sharing_a_registry_cache_export_it_once_and_a_fresh_runner_reuses_it(
+    imgci: Imgci, imgci_factory: Any, busybox_tar: Path, registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Two entries naming one registry cache ref: one export holding both entries' records, whose layers are
+    mounted from the images just pushed (not uploaded again); an empty state dir then builds everything from it."""
+    imgci.env["SOURCE_DATE_EPOCH"] = "0"
+    imgci.run("import", str(busybox_tar), "localhost/busybox:latest", "--change", 'CMD=["sh"]')
+    with FaultProxy(registry.url) as proxy:
+        project = _project(tmp_path, _matrix_yaml(proxy.host, ["p", "q"], repo="cachetest/app"))
+        cache = f"type=registry,ref={proxy.host}/cachetest/cache:buildcache,mode=max"
+        proc, meta = _run(imgci, project, "--cache-to", cache)
+        assert all(e["status"] == "built" for e in meta["entries"])
+        assert len({tuple(e["cache_exports"]) for e in meta["entries"]}) == 1  # one export for both
+        assert proc.stderr.count("cache export to") == 1  # the log line of the one export
+        assert "0 written, 4 mounted" in meta["entries"][0]["cache_exports"][0]
+        # the layers were there in cachetest/app: mounted into the cache repository, never uploaded again
+        assert proxy.count("PATCH", r"/v2/cachetest/cache/blobs/uploads/") == 0
+        assert proxy.count("PUT", r"/v2/cachetest/cache/blobs/uploads/.*digest=sha256") <= 1  # the records blob
+
+        fresh = imgci_factory()
+        fresh.env["SOURCE_DATE_EPOCH"] = "0"
+        fresh.run("import", str(busybox_tar), "localhost/busybox:latest", "--change", 'CMD=["sh"]')
+        bad, _ = _run(fresh, project, "--no-push", "--cache-from", cache, check=False)  # mode= is for --cache-to
+        assert bad.returncode == 2 and "unknown key 'mode'" in bad.stderr and "build.yaml" not in bad.stderr
+        cache_from = cache.removesuffix(",mode=max")
+        proc, again = _run(fresh, project, "--no-push", "--cache-from", cache_from, "--progress", "json")
+    assert [e["cache"]["misses"] for e in again["entries"]] == [0, 0], again["entries"]
+    runs_done = [e for e in _json_events(proc.stderr) if e["event"] == "done" and "] RUN " in e["name"]]
+    assert runs_done and all(e["cached"] for e in runs_done), runs_done

@@ -88,10 +88,12 @@ def make_exporter(
     raise ValueError(f"no exporter for cache type {spec.type!r}")
 
 
-def fetcher(cache: BuildCache) -> Fetch:
-    """Fetch a blob an imported cache hit of ``cache`` left remote (a no-op for blobs no importer promised)."""
+def fetcher(*caches: BuildCache) -> Fetch:
+    """Fetch a blob an imported cache hit of any of ``caches`` left remote (a no-op for blobs no importer
+    promised): one build's cache, or those of every matrix entry exporting to the same place."""
 
     def fetch(descriptor: Descriptor) -> None:
-        cache.ensure([SimpleNamespace(descriptor=descriptor)])
+        for cache in caches:
+            cache.ensure([SimpleNamespace(descriptor=descriptor)])
 
     return fetch
