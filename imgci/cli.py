@@ -448,16 +448,20 @@ class _LazyPool:
     def __init__(self, args: argparse.Namespace) -> None:
         self._args = args
         self._pool: Any = None
+        self._lock = threading.Lock()  # a push warm-up thread and the build's pulls may ask at once
         _retries(args)  # bad --retries is a usage error now, not at the first pull
 
     def __call__(self, registry: str) -> Any:
-        if self._pool is None:
-            self._pool = _client_factory(self._args)
-        return self._pool(registry)
+        with self._lock:
+            if self._pool is None:
+                self._pool = _client_factory(self._args)
+            pool = self._pool
+        return pool(registry)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
 
 
 def cmd_build_entry(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ Contract: ``parse_output(spec)`` validates one ``--output`` value up front (befo
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,11 +80,13 @@ def export(
             from imgci.transfer import push_image
 
             pushed = []
+            started = time.monotonic()
             for n in normalised:
                 result = push_image(store, n, reference.parse(n), client_factory=client_factory, progress=progress)
                 pushed.append(n)
                 info["pushed_digest"] = result.digest.value
             info["pushed"] = pushed
+            info["push_duration"] = time.monotonic() - started
         info["names"] = normalised
     elif spec.type in ("oci", "docker"):
         from imgci.archive import save_archive

@@ -127,6 +127,10 @@ class RegistryClient:
             out.append(repository_scope(mount_from, "pull"))
         return tuple(out)
 
+    def warm_up(self, repository: str, *, push: bool = False) -> None:
+        """Best effort, ahead of the first real request (a build about to push): see :meth:`Transport.warm_up`."""
+        self.transport.warm_up(self.scopes(repository, push=push))
+
     def ping(self) -> None:
         """Check that the registry answers and that the credentials are accepted (for ``imgci login``)."""
         op = Operation("log in to")

@@ -236,6 +236,20 @@ class Transport:
         assert self._base is not None
         return self._base
 
+    def warm_up(self, scopes: tuple[str, ...] = ()) -> None:
+        """Best effort and once, without retries: probe the registry (the HTTP stack imported, TLS set up, the
+        connection left in the pool, the auth challenge learnt), then get a token for ``scopes`` — so that the
+        first real request, later, finds all that done. Run in the background while a build runs. Whatever fails
+        is left for that request to meet again, retry and report; nothing is remembered from a failure."""
+        try:
+            with self._probe_lock:
+                if self._base is None:
+                    self._probe(Operation("connect to"))
+            if scopes and self.auth.challenge is not None:
+                self.auth.authorization(scopes)
+        except RegistryError as e:
+            log.debug("registry %s: warm-up: %s", self.endpoint, e.message)
+
     def url(self, path: str) -> str:
         """``path`` joined to the base URL; absolute URLs (upload locations, redirects) are returned as they are."""
         return urljoin(self.base_url + "/", path)

@@ -153,6 +153,8 @@ def test_outputs_iidfile_and_metadata(imgci: Imgci, busybox: str, tmp_path: Path
     assert doc["containerimage.digest"] == digest
     assert doc["image.name"] == name
     assert doc["containerimage.config.digest"].startswith("sha256:")
+    assert doc["imgci.pushed"] == [name]
+    assert 0 < doc["imgci.push_duration"] < 60  # the seconds the push took, part of the command's time
     assert (local / "f").read_text() == "x"
     with tarfile.open(oci) as t:
         assert "index.json" in t.getnames()

@@ -32,6 +32,7 @@ from imgci.errors import (
 )
 from imgci.oci import OCI_MANIFEST, Descriptor, Digest
 from imgci.reference import Reference
+from imgci.reference import parse as parse_reference
 from imgci.registry.client import RegistryClient
 from imgci.registry.credentials import Credentials
 from imgci.registry.retry import RetryPolicy, parse_retry_after
@@ -397,6 +398,46 @@ def test_bearer_token_is_fetched_once_and_reused(serve: Any) -> None:
     assert token_hits[0].headers["Authorization"].startswith("Basic ")
     # the token server's host never sees the registry token, the registry never sees the password
     assert all(SECRET not in json.dumps(r.headers) for r in server.requests)
+
+
+def test_warm_up_probes_and_gets_the_push_token_ahead_of_the_first_request(serve: Any) -> None:
+    token_hits: list[Req] = []
+
+    def token(req: Req) -> Resp:
+        token_hits.append(req)
+        return Resp(200, {}, json.dumps({"token": "tok-push", "expires_in": 300}).encode())
+
+    issuer = serve(token)
+
+    def registry_handler(req: Req) -> Resp:
+        if req.headers.get("Authorization") != "Bearer tok-push":
+            return Resp(401, {"WWW-Authenticate": f'Bearer realm="{issuer.url}/token",service="fake"'})
+        return Resp(404, {}, oci_error("MANIFEST_UNKNOWN", "no such manifest"))
+
+    server = serve(registry_handler)
+    c = client(server, credentials=Credentials("alice", SECRET))
+    c.warm_up("team/app", push=True)
+    assert [r.path for r in server.requests] == ["/v2/"]  # the probe, nothing else
+    assert len(token_hits) == 1 and "scope=repository%3Ateam%2Fapp%3Apull%2Cpush" in token_hits[0].path
+    assert c.head_manifest(parse_reference(f"{server.host}/team/app:1"), push=True) is None
+    # the push's first request went out with the token already: no second probe, no second token, no 401 first
+    assert [r.method for r in server.requests] == ["GET", "HEAD"]
+    assert server.requests[1].headers["Authorization"] == "Bearer tok-push"
+    assert len(token_hits) == 1
+
+
+def test_warm_up_failing_is_silent_once_and_remembers_nothing(serve: Any) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there
+    sleeps = Sleeps()
+    c = RegistryClient(f"127.0.0.1:{port}", credentials=ANON, retry=FAST, sleep=sleeps)
+    c.warm_up("x", push=True)  # no exception, no retries (no sleeps)
+    assert sleeps == []
+    with pytest.raises(RegistryError, match=r"connection refused.*gave up after 4 attempts"):
+        c.list_tags("x")  # the real request meets the failure itself, with its own retries
+    assert len(sleeps) == 3
 
 
 def test_identity_token_uses_oauth2_refresh_grant(serve: Any) -> None:
