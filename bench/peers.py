@@ -292,6 +292,15 @@ class Builder(Protocol):
     def close(self) -> None: ...
 
 
+def _split(run: Run, push_seconds: float) -> tuple[Run, Run]:
+    """One command that built and pushed, as (build, push): the push its own report's seconds, the build the rest;
+    both carry the command's peak memory."""
+    push_seconds = min(max(push_seconds, 0.0), run.wall)
+    pushed = Run(wall=push_seconds, peak=run.peak, daemon_peak=run.daemon_peak)
+    run.wall -= push_seconds
+    return run, pushed
+
+
 def _fail(m: Measured | subprocess.CompletedProcess[str]) -> str:
     lines = (m.stderr or m.stdout or "").strip().splitlines()
     return (lines[-1] if lines else f"exit {m.returncode}")[:200]
@@ -313,12 +322,17 @@ class Imgci:
     """``python -m imgci`` (a new process per command) in a state directory of its own, a new one per reset.
 
     ``base_tar``: a rootfs tar imported as :data:`BASE` into every new state; without it the base is pulled.
-    ``ca_bundle``: a PEM bundle (system CAs + a test CA) passed as ``REQUESTS_CA_BUNDLE``."""
+    ``ca_bundle``: a PEM bundle (system CAs + a test CA) passed as ``REQUESTS_CA_BUNDLE``.
+    ``one_command``: where a build is followed by a push, ``build --push`` (``run --push``) rather than two
+    commands."""
 
     name = key = "imgci"
 
-    def __init__(self, work: Path, base_tar: Path | None = None, ca_bundle: Path | None = None) -> None:
+    def __init__(
+        self, work: Path, base_tar: Path | None = None, ca_bundle: Path | None = None, one_command: bool = True
+    ) -> None:
         self.work = work
+        self.one_command = one_command  # build and push in one command (run.py; see build_push)
         self.base_tar = base_tar
         self.ca_bundle = ca_bundle
         self.daemons: list[int] = []
@@ -369,6 +383,21 @@ class Imgci:
     def push(self, tag: str, dest: str | None = None) -> Run:
         return Run.of(self._imgci("push", tag, *([dest] if dest else [])))
 
+    def build_push(self, ctx: Path, tag: str) -> tuple[Run, Run]:
+        """``imgci build --push -t TAG CTX``: one process builds and pushes, as a CI step runs it. The split comes
+        from the metadata file: push = ``imgci.push_duration`` (the seconds its push took), build = the rest of
+        the command's wall time (interpreter start included)."""
+        meta = ctx.parent / f"{ctx.name}.metadata.json"
+        m = self._imgci("build", "--push", "-t", tag, "--metadata-file", str(meta), str(ctx))
+        run = Run.of(m)
+        if run.error:
+            return run, Run(error="not pushed: the build failed")
+        doc = json.loads(meta.read_text())
+        cache = doc.get("imgci.cache") or {}
+        run.executed, run.cached = cache.get("misses"), cache.get("hits")
+        self._note_sandbox(m.stderr)
+        return _split(run, float(doc.get("imgci.push_duration", 0.0)))
+
     def run_matrix(self, config: Path, *, push: bool) -> Run:
         """``imgci run CONFIG`` (every entry of the build.yaml in one process), with ``--push`` or ``--no-push``."""
         meta = config.parent / "imgci-metadata.json"
@@ -381,6 +410,20 @@ class Imgci:
             run.cached = sum(e["cache"]["hits"] for e in entries)
             self._note_sandbox(m.stderr)
         return run
+
+    def run_matrix_push(self, config: Path) -> tuple[Run, Run]:
+        """``imgci run CONFIG --push``: one process builds every entry and pushes each as soon as it is built. Push
+        = the longest entry's push (they overlap each other and the other entries' builds), build = the rest."""
+        meta = config.parent / "imgci-metadata.json"
+        m = self._imgci("run", str(config), "--push", "--report", "none", "--metadata-file", str(meta))
+        run = Run.of(m)
+        if run.error:
+            return run, Run(error="not pushed: the build failed")
+        entries = json.loads(meta.read_text())["entries"]
+        run.executed = sum(e["cache"]["misses"] for e in entries)
+        run.cached = sum(e["cache"]["hits"] for e in entries)
+        self._note_sandbox(m.stderr)
+        return _split(run, max((float(e.get("push_seconds") or 0.0) for e in entries), default=0.0))
 
     def close(self) -> None:
         for i in range(1, self.count + 1):
