@@ -19,10 +19,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -55,23 +57,84 @@ def _netloc(url: str) -> tuple[str, int]:
 
 _TLS_CONTEXTS: dict[str, ssl.SSLContext] = {}
 _TLS_CONTEXTS_LOCK = threading.Lock()
+# A ``verify=`` value standing for "this base trust plus these CA files" (a registry's certs.d directory): the
+# directory is what requests sees (it checks that the path exists); the adapter maps it to one SSL context.
+_EXTRA_TRUST: dict[str, tuple[str | bool, tuple[str, ...]]] = {}
 
 
 def _tls_context(ca_path: str) -> ssl.SSLContext:
-    """One SSL context per CA bundle for the whole process: loading a bundle costs ~35 ms of CPU, and requests
+    """One SSL context per CA bundle for the whole process: loading a bundle costs ~20 ms of CPU, and requests
     would load it again for every new connection (four parallel blob transfers: four loads)."""
     with _TLS_CONTEXTS_LOCK:
         ctx = _TLS_CONTEXTS.get(ca_path)
         if ctx is None:
             from urllib3.util.ssl_ import create_urllib3_context
 
+            base, extra = _EXTRA_TRUST.get(ca_path, (ca_path, ()))
             ctx = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
-            if os.path.isdir(ca_path):
-                ctx.load_verify_locations(capath=ca_path)
+            if isinstance(base, str):
+                _load_trust(ctx, base)
             else:
-                ctx.load_verify_locations(cafile=ca_path)
+                import certifi
+
+                ctx.load_verify_locations(cafile=certifi.where())  # requests' own default, as without certs.d
+            for cafile in extra:
+                _load_trust(ctx, cafile)
             _TLS_CONTEXTS[ca_path] = ctx
         return ctx
+
+
+def _load_trust(ctx: ssl.SSLContext, path: str) -> None:
+    try:
+        if os.path.isdir(path):
+            ctx.load_verify_locations(capath=path)
+        else:
+            ctx.load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError) as e:
+        raise RegistryError(
+            f"cannot use the CA certificates in {path}: {getattr(e, 'reason', None) or e}",
+            hint="a registry's CA goes in PEM form in certs.d/HOST:PORT/ca.crt (or REQUESTS_CA_BUNDLE)",
+        ) from None
+
+
+def certs_d_dirs() -> list[Path]:
+    """The directories whose ``HOST[:PORT]/*.crt`` files are CAs trusted for that registry, on top of the system's
+    (docker's and podman's layout): ``$IMGCI_CERTS_D`` (``:``-separated) when set, else
+    ``$XDG_CONFIG_HOME/imgci/certs.d`` (``~/.config/imgci/certs.d``), ``/etc/imgci/certs.d``,
+    ``/etc/containers/certs.d`` and ``/etc/docker/certs.d``."""
+    override = os.environ.get("IMGCI_CERTS_D")
+    if override is not None:
+        return [Path(p) for p in override.split(":") if p]
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return [Path(config, "imgci", "certs.d"), *(Path(d) for d in _SYSTEM_CERTS_D)]
+
+
+_SYSTEM_CERTS_D = ("/etc/imgci/certs.d", "/etc/containers/certs.d", "/etc/docker/certs.d")
+
+
+@functools.lru_cache(maxsize=64)
+def registry_cas(netloc: str, dirs: tuple[Path, ...]) -> tuple[str, ...]:
+    """The ``*.crt`` files of ``DIR/HOST:PORT/`` (for port 443 also ``DIR/HOST/``) in each of ``dirs``."""
+    host, port = _netloc(f"https://{netloc}")
+    names = [f"{host}:{port}"] + ([host] if port == 443 else [])
+    if host.count(":") > 1:  # IPv6: docker names the directory with brackets
+        names = [f"[{host}]:{port}"] + ([f"[{host}]"] if port == 443 else [])
+    found: list[str] = []
+    for base in dirs:
+        for name in names:
+            try:
+                entries = sorted(os.scandir(base / name), key=lambda e: e.name)
+            except OSError:
+                continue
+            found += [e.path for e in entries if e.name.endswith(".crt") and e.is_file()]
+    return tuple(found)
+
+
+def _with_registry_cas(base: str | bool, cas: tuple[str, ...]) -> str:
+    key = os.path.dirname(cas[0])
+    with _TLS_CONTEXTS_LOCK:
+        _EXTRA_TRUST[key] = (base, cas)
+    return key
 
 
 @functools.cache
@@ -104,11 +167,32 @@ def _default_verify() -> str | bool:
         path = os.environ.get(var)
         if path and os.path.exists(path):
             return path
+    return _system_trust()
+
+
+@functools.cache
+def _system_trust() -> str | bool:
+    """The system's CAs: its hashed certificate directory where it has one (OpenSSL reads only the CA a server's
+    chain needs, instead of parsing the whole bundle — ~20 ms — in every process), else its bundle."""
     paths = ssl.get_default_verify_paths()
+    if paths.capath and _is_hashed_dir(paths.capath):
+        return paths.capath
     for candidate in (paths.cafile, paths.capath):
         if candidate and os.path.exists(candidate):
             return candidate
     return True
+
+
+def _is_hashed_dir(path: str) -> bool:
+    """Whether ``path`` holds ``c_rehash`` links (``5ad8a5d6.0``), as Debian's ``/etc/ssl/certs`` does."""
+    try:
+        with os.scandir(path) as entries:
+            return any(_HASH_NAME.fullmatch(e.name) for e in entries)
+    except OSError:
+        return False
+
+
+_HASH_NAME = re.compile(r"[0-9a-f]{8}\.[0-9]+")
 
 
 class _Body:
@@ -213,7 +297,11 @@ class Transport:
     def _verify_for(self, url: str) -> str | bool:
         if self.insecure and _netloc(url)[0] == _netloc(f"https://{self.endpoint}")[0]:
             return False
-        return self._verify if self._verify is not None else _default_verify()
+        if self._verify is not None:
+            return self._verify
+        base = _default_verify()
+        cas = registry_cas(urlsplit(url).netloc.rpartition("@")[2], tuple(certs_d_dirs()))
+        return _with_registry_cas(base, cas) if cas else base
 
     def _proxies_for(self, url: str) -> dict[str, str]:
         if is_loopback_host(urlsplit(url).netloc):

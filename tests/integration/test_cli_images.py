@@ -101,6 +101,30 @@ def test_push_pull_tls_with_trusted_ca(
     _push_pull_round_trip(imgci, other, busybox, tls_registry, "tls/busybox")
 
 
+def test_push_pull_tls_with_the_ca_in_certs_d(
+    imgci: Imgci, imgci_factory: Callable[[], Imgci], busybox: str, tls_registry: RegistryServer, tmp_path: Path
+) -> None:
+    """docker's layout: ``certs.d/HOST:PORT/ca.crt`` trusts a CA for that registry only, on top of the system's."""
+    assert tls_registry.ca_path is not None
+    certs_d = tmp_path / "config" / "imgci" / "certs.d"
+    name = f"{tls_registry.host}/certsd/busybox:1"
+    imgci.run("tag", busybox, name)
+    imgci.env["XDG_CONFIG_HOME"] = str(tmp_path / "config")  # ~/.config/imgci/certs.d
+    (certs_d / "127.0.0.1:1").mkdir(parents=True)  # another registry's directory: not used for this one
+    (certs_d / "127.0.0.1:1" / "ca.crt").write_bytes(tls_registry.ca_path.read_bytes())
+    err = imgci.fails("push", name)
+    assert "certificate" in err.lower(), err
+    host_dir = certs_d / tls_registry.host
+    host_dir.mkdir()
+    (host_dir / "ca.crt").write_text("not a certificate\n")
+    err = imgci.fails("push", name)  # a broken CA file: named, no traceback
+    assert str(host_dir / "ca.crt") in err, err
+    (host_dir / "ca.crt").write_bytes(tls_registry.ca_path.read_bytes())
+    other = imgci_factory()
+    other.env["IMGCI_CERTS_D"] = str(certs_d)  # the same, through the variable
+    _push_pull_round_trip(imgci, other, busybox, tls_registry, "certsd/busybox")
+
+
 def test_login_push_pull_basic_auth(
     imgci: Imgci, imgci_factory: Callable[[], Imgci], busybox: str, basic_registry: RegistryServer, tmp_path: Path
 ) -> None:

@@ -686,3 +686,65 @@ def test_docker_hub_endpoint_library_prefix_and_credentials_key(
     assert got.raw == MANIFEST
     paths = [r.path for r in server.requests if r.headers.get("Authorization") == basic_ok]
     assert "/v2/library/busybox/manifests/latest" in paths
+
+
+# -- trust: certs.d and the system's CAs ---------------------------------------------------------------------
+def test_registry_cas_follow_dockers_certs_d_layout(tmp_path: Any) -> None:
+    from imgci.registry.transport import registry_cas
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d, name, files in [
+        (one, "reg.example:5000", ["ca.crt", "client.cert", "client.key", "b.crt"]),
+        (two, "reg.example:5000", ["extra.crt"]),
+        (one, "reg.example", ["default-port.crt"]),
+        (one, "[::1]:5000", ["v6.crt"]),
+        (one, "other:5000", ["no.crt"]),
+    ]:
+        (d / name).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            (d / name / f).write_text("x")
+    dirs = (one, two, tmp_path / "missing")
+    assert registry_cas("reg.example:5000", dirs) == (
+        str(one / "reg.example:5000" / "b.crt"),
+        str(one / "reg.example:5000" / "ca.crt"),
+        str(two / "reg.example:5000" / "extra.crt"),
+    )  # CAs only (client .cert/.key are not CAs), every directory, in a stable order
+    assert registry_cas("reg.example", dirs) == (str(one / "reg.example" / "default-port.crt"),)
+    assert registry_cas("reg.example:443", dirs) == (str(one / "reg.example" / "default-port.crt"),)
+    assert registry_cas("[::1]:5000", dirs) == (str(one / "[::1]:5000" / "v6.crt"),)
+    assert registry_cas("unknown:1", dirs) == ()
+
+
+def test_certs_d_dirs_default_and_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from imgci.registry.transport import certs_d_dirs
+
+    monkeypatch.delenv("IMGCI_CERTS_D", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert [str(p) for p in certs_d_dirs()] == [
+        str(tmp_path / "imgci" / "certs.d"),
+        "/etc/imgci/certs.d",
+        "/etc/containers/certs.d",
+        "/etc/docker/certs.d",
+    ]
+    monkeypatch.setenv("IMGCI_CERTS_D", f"{tmp_path}/a:{tmp_path}/b")
+    assert [str(p) for p in certs_d_dirs()] == [f"{tmp_path}/a", f"{tmp_path}/b"]
+
+
+def test_system_trust_prefers_a_hashed_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    import ssl
+
+    from imgci.registry import transport
+
+    hashed, bundle = tmp_path / "certs", tmp_path / "bundle.pem"
+    hashed.mkdir()
+    bundle.write_text("x")
+    paths = ssl.DefaultVerifyPaths(str(bundle), str(hashed), "", "", "", "")
+    monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: paths)
+    transport._system_trust.cache_clear()
+    try:
+        assert transport._system_trust() == str(bundle)  # no c_rehash links: the bundle
+        (hashed / "5ad8a5d6.0").write_text("x")
+        transport._system_trust.cache_clear()
+        assert transport._system_trust() == str(hashed)  # links: OpenSSL reads only the CA a chain needs
+    finally:
+        transport._system_trust.cache_clear()
