@@ -322,16 +322,23 @@ class Imgci:
     """``python -m imgci`` (a new process per command) in a state directory of its own, a new one per reset.
 
     ``base_tar``: a rootfs tar imported as :data:`BASE` into every new state; without it the base is pulled.
-    ``ca_bundle``: a PEM bundle (system CAs + a test CA) passed as ``REQUESTS_CA_BUNDLE``.
+    ``ca_bundle``: a PEM bundle (system CAs + a test CA) passed as ``REQUESTS_CA_BUNDLE``; ``certs_d``: a
+    ``certs.d`` directory (``HOST:PORT/ca.crt``) passed as ``IMGCI_CERTS_D``.
     ``one_command``: where a build is followed by a push, ``build --push`` (``run --push``) rather than two
     commands."""
 
     name = key = "imgci"
 
     def __init__(
-        self, work: Path, base_tar: Path | None = None, ca_bundle: Path | None = None, one_command: bool = True
+        self,
+        work: Path,
+        base_tar: Path | None = None,
+        ca_bundle: Path | None = None,
+        one_command: bool = True,
+        certs_d: Path | None = None,
     ) -> None:
         self.work = work
+        self.certs_d = certs_d
         self.one_command = one_command  # build and push in one command (run.py; see build_push)
         self.base_tar = base_tar
         self.ca_bundle = ca_bundle
@@ -350,6 +357,8 @@ class Imgci:
         env = {k: v for k, v in imgci_env().items() if not k.startswith("IMGCI_")} | {"IMGCI_STATE": str(self.state)}
         if self.ca_bundle:
             env["REQUESTS_CA_BUNDLE"] = str(self.ca_bundle)
+        if self.certs_d:
+            env["IMGCI_CERTS_D"] = str(self.certs_d)
         return env
 
     def reset(self) -> None:

@@ -23,7 +23,7 @@ otherwise to loopback: never to this machine's own interface addresses or anywhe
 loopback one because BuildKit and containerd talk plain HTTP to a loopback registry; on it every builder verifies
 TLS. A watch samples this machine's sockets during the run and the header says where they went. Without root (no
 namespace, no peers) the registry listens on 127.0.0.1.
-Trust: imgci through ``REQUESTS_CA_BUNDLE`` (the system CAs + the test CA), dockerd through
+Trust: imgci through ``certs.d/HOST:PORT/ca.crt`` (``IMGCI_CERTS_D``; on top of the system CAs), dockerd through
 ``/etc/docker/certs.d/HOST/ca.crt`` (created for the run, removed after), buildah through ``--cert-dir``.
 
 Usage::
@@ -892,10 +892,13 @@ def main() -> None:
         base = f"{host}/bench/base:1"
         publish_base(work, make_busybox_rootfs_tar(work / "busybox.tar"), base, bundle)
 
-        imgci = Imgci(work, ca_bundle=bundle, one_command=not args.imgci_two_commands)
+        certs_d = work / "certs.d"  # docker's layout, as dockerd's /etc/docker/certs.d (see docker_trust)
+        (certs_d / host).mkdir(parents=True)
+        shutil.copyfile(registry.ca_path, certs_d / host / "ca.crt")
+        imgci = Imgci(work, certs_d=certs_d, one_command=not args.imgci_two_commands)
         stack.callback(imgci.close)
         builders: list[Builder] = [imgci]
-        trust = {"imgci": "REQUESTS_CA_BUNDLE (the system CAs + the test CA)"}
+        trust = {"imgci": "IMGCI_CERTS_D: certs.d/HOST:PORT/ca.crt (the test CA, on top of the system's)"}
         if not args.no_peers:
             builders += start_peers(stack, work, host, registry.ca_path, base, notes, trust)
         bench = Bench(work, host, relay, CpuMeter(), [registry.pid()])
