@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from imgci.build import layerstore
 from imgci.build.fs import FileInfo, LayerEntry, walk
 from imgci.build.layer import LayerResult, write_layer
 from imgci.build.layerindex import LayerIndex
@@ -458,6 +459,72 @@ def test_add_layer_with_other_entries_unpacks_the_blob_instead(store: Store, lay
     result = write_layer(store, [f("x", b"written")])
     path = layers.add_layer([f("x", b"changed")], result)
     assert (path / "root/x").read_bytes() == b"written"
+
+
+def _many(n: int = 1200) -> list[LayerEntry]:
+    dirs = [d("src", mtime=100)] + [d(f"src/d{i}", mtime=100 + i) for i in range(12)]
+    files = [f(f"src/d{i % 12}/f{i}.txt", f"data {i}\n".encode() * (i % 7), mtime=1000 + i) for i in range(n)]
+    return [*dirs, *files, sym("src/link", "d0/f0.txt"), hl("src/hard", "src/d1/f1.txt")]
+
+
+def test_a_layer_of_many_entries_is_unpacked_by_a_process_of_its_own(
+    store: Store, layers: LayerStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entries = _many()
+    assert len(entries) >= layerstore.PROCESS_UNPACK_ENTRIES
+    spawned: list[list[str]] = []
+    popen = subprocess.Popen
+
+    def spy(args: list[str], **kw: object) -> object:
+        spawned.append(list(args))
+        return popen(args, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(layerstore.subprocess, "Popen", spy)
+    result, path = layers.write_layer(entries, source_date_epoch=10)
+    assert [a[1:3] for a in spawned] == [["-m", "imgci._unpack"]]
+    assert (path / "root/src/d5/f5.txt").read_bytes() == b"data 5\n" * 5
+    assert os.readlink(path / "root/src/link") == "d0/f0.txt"
+    assert_index_matches_blob(layers, result, tmp_path)
+    # the same layer unpacked by the thread: the same files and index
+    monkeypatch.setenv("IMGCI_UNPACK_PROCESS", "0")
+    with Store(tmp_path / "threaded") as other, LayerStore(other) as threaded:
+        again, other_path = threaded.write_layer(entries, source_date_epoch=10)
+        assert again.diff_id == result.diff_id and len(spawned) == 1
+        assert threaded.index(again.diff_id) == layers.index(result.diff_id)
+        assert _tree(other_path / "root") == _tree(path / "root")
+    assert not [p for p in layers.root.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_crashed_unpack_process_falls_back_to_the_blob(
+    store: Store, layers: LayerStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crash = [sys.executable, "-c", "import sys; sys.stdin.buffer.read(4096); sys.exit(7)"]
+    monkeypatch.setattr(layerstore, "_UNPACK_COMMAND", crash)
+    result, path = layers.write_layer(_many(), source_date_epoch=10)
+    assert (path / "root/src/d5/f5.txt").read_bytes() == b"data 5\n" * 5  # unpacked from the blob instead
+    assert_index_matches_blob(layers, result, tmp_path)
+    assert not [p for p in layers.root.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_errors_of_the_unpack_process() -> None:
+    from imgci.errors import CorruptArchiveError
+
+    said = b'{"error": "CorruptArchiveError", "message": "bad header at 512", "hint": null}'
+    e = layerstore._child_error(3, said, b"")
+    assert isinstance(e, CorruptArchiveError) and e.message == "bad header at 512"
+    crash = layerstore._child_error(1, b"", b"Traceback (most recent call last):\n  ...\nValueError: boom\n")
+    assert isinstance(crash, StoreError) and "exit status 1" in crash.message and "ValueError: boom" in crash.message
+    forged = layerstore._child_error(3, b'{"error": "SystemExit", "message": "x"}', b"")
+    assert isinstance(forged, StoreError)  # only imgci's own error classes are rebuilt
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        data = os.readlink(p).encode() if p.is_symlink() else (p.read_bytes() if p.is_file() else b"")
+        out[str(p.relative_to(root))] = (stat.S_IMODE(st.st_mode), data)
+    return out
 
 
 def assert_index_matches_blob(layers: LayerStore, result: LayerResult, tmp_path: Path) -> None:
