@@ -22,6 +22,7 @@ Contract:
 from __future__ import annotations
 
 import re
+import struct
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -75,6 +76,101 @@ class TarEntry:
     @property
     def is_dir(self) -> bool:
         return self.type == DIR
+
+
+class _Header:
+    """The fields of one 512-byte header, as :meth:`tarfile.TarInfo.frombuf` reads them."""
+
+    __slots__ = (
+        "devmajor",
+        "devminor",
+        "gid",
+        "gname",
+        "linkname",
+        "mode",
+        "mtime",
+        "name",
+        "size",
+        "type",
+        "uid",
+        "uname",
+    )
+
+    name: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: int
+    type: bytes
+    linkname: str
+    uname: str
+    gname: str
+    devmajor: int
+    devminor: int
+
+    def isdir(self) -> bool:
+        return self.type == DIR
+
+
+def _nts(field: bytes) -> str:
+    end = field.find(0)
+    return (field if end < 0 else field[:end]).decode("utf-8", "surrogateescape")
+
+
+def _nti(field: bytes) -> int:
+    """tarfile's ``nti``: base-256 (a first byte of 0x80 or 0xff) or octal text (NUL-ended, blanks stripped)."""
+    first = field[0]
+    if first == 0o200 or first == 0o377:
+        n = int.from_bytes(field[1:], "big")
+        return n - 256 ** (len(field) - 1) if first == 0o377 else n
+    end = field.find(0)
+    try:
+        return int((field if end < 0 else field[:end]).decode("ascii").strip() or "0", 8)
+    except ValueError:
+        raise tarfile.HeaderError("invalid header") from None
+
+
+_CHKSUM_BLANKS = 8 * 0x20
+
+
+def _signed_chksum(block: bytes) -> int:
+    return _CHKSUM_BLANKS + sum(struct.unpack_from("148b8x356b", block))
+
+
+def parse_header(block: bytes) -> _Header | tarfile.TarInfo:
+    """What :meth:`tarfile.TarInfo.frombuf` makes of a (non-zero, 512-byte) header block, the same fields and the
+    same :class:`tarfile.TarError` for a bad one, about four times faster: a layer of 4,000 files has 4,000 to
+    8,000 headers, parsed where the build waits. (Old GNU sparse headers, refused later anyway, go to tarfile.)"""
+    chksum = _nti(block[148:156])
+    unsigned = _CHKSUM_BLANKS + sum(block) - sum(block[148:156])
+    if chksum != unsigned and chksum != _signed_chksum(block):  # (signed bytes: some old tars)
+        raise tarfile.HeaderError("bad checksum")
+    kind = block[156:157]
+    if kind == tarfile.GNUTYPE_SPARSE:
+        return tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    h = _Header()
+    name = _nts(block[0:100])
+    h.mode = _nti(block[100:108])
+    h.uid = _nti(block[108:116])
+    h.gid = _nti(block[116:124])
+    h.size = _nti(block[124:136])
+    h.mtime = _nti(block[136:148])
+    h.linkname = _nts(block[157:257])
+    h.uname = _nts(block[265:297])
+    h.gname = _nts(block[297:329])
+    h.devmajor = _nti(block[329:337])
+    h.devminor = _nti(block[337:345])
+    prefix = _nts(block[345:500])
+    if kind == AREG and name.endswith("/"):
+        kind = DIR  # old V7 archives: a directory is a regular file whose name ends in a slash
+    if kind == DIR:
+        name = name.rstrip("/")
+    if prefix and kind not in tarfile.GNU_TYPES:
+        name = prefix + "/" + name
+    h.name = name
+    h.type = kind
+    return h
 
 
 def safe_parts(name: str, *, what: str = "entry") -> list[str]:
@@ -209,7 +305,7 @@ class TarReader:
             return None  # clean end at a block boundary
         return first if len(first) == BLOCK else first + self._read_exact(BLOCK - len(first), "a header")
 
-    def _header(self) -> tarfile.TarInfo | None:
+    def _header(self) -> _Header | tarfile.TarInfo | None:
         block = self._block()
         if block is None:
             return None
@@ -221,7 +317,7 @@ class TarReader:
                 raise CorruptArchiveError(f"a lone zero block inside the archive at offset {self.offset - 2 * BLOCK}")
             return None
         try:
-            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            info = parse_header(block)
         except tarfile.TarError as e:
             raise CorruptArchiveError(f"malformed tar header at offset {self.offset - BLOCK}: {e}") from None
         if info.size < 0:
@@ -237,7 +333,7 @@ class TarReader:
             info.name = name.rstrip("/") if info.isdir() else name
         return info
 
-    def _extension(self, info: tarfile.TarInfo) -> bytes:
+    def _extension(self, info: _Header | tarfile.TarInfo) -> bytes:
         if info.size > _MAX_EXTENSION:
             raise CorruptArchiveError(f"tar extension header of {info.size} bytes is too large")
         data = self._read_exact(info.size, "an extension header")
@@ -278,7 +374,7 @@ class TarReader:
         raise CorruptArchiveError(f"more than {_MAX_EXTENSIONS_PER_ENTRY} extension headers for one entry")
 
     def _entry(
-        self, info: tarfile.TarInfo, pax: dict[str, bytes], long_name: str | None, long_link: str | None
+        self, info: _Header | tarfile.TarInfo, pax: dict[str, bytes], long_name: str | None, long_link: str | None
     ) -> TarEntry:
         if info.type in (tarfile.GNUTYPE_SPARSE, b"M") or any(k.startswith("GNU.sparse.") for k in pax):
             raise ArchiveError(f"{info.name}: sparse and multi-volume tar entries are not supported")

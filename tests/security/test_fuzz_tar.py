@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from imgci.errors import ImgciError
@@ -199,3 +199,75 @@ def test_other_appliers_never_write_outside_the_root(layers: Layers, kind: str) 
         run_applier(kind, raws, box, work)
 
     _check(layers, apply)
+
+
+# -- the header parser against tarfile's ----------------------------------------------------------------------
+FIELDS = ("name", "mode", "uid", "gid", "size", "mtime", "type", "linkname", "uname", "gname", "devmajor", "devminor")
+# (offset, length) of every header field, to corrupt one at a time
+SPANS = [(0, 100), (100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (148, 8), (156, 1), (157, 100), (257, 8)]
+SPANS += [(265, 32), (297, 32), (329, 8), (337, 8), (345, 155)]
+NUMBER_SPANS = [(100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (329, 8), (337, 8)]
+FIELD_BYTES = st.one_of(
+    st.binary(max_size=12),
+    st.sampled_from([b"", b" ", b"\x00", b"0", b"7" * 11, b"8", b"1_0", b"+7", b"-1", b" 12 \x00", b"\x80\x01"]),
+    st.sampled_from([b"\xff" * 8, b"\x80" + b"\x00" * 6 + b"\x05", b"\xff\xff", b"\xe9\x00", b"a/", b"../x/"]),
+)
+
+
+def _header_block(info: tarfile.TarInfo, fmt: int) -> bytes:
+    return info.tobuf(fmt, "utf-8", "surrogateescape")[-512:]  # the entry's own header (after any extension)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    name=st.sampled_from(["a", "dir/", "x" * 99, "p/" * 60 + "leaf", "q/" * 60 + "leaf/", "é/ü", "a\udcff"]),
+    kind=st.sampled_from(
+        [REG, tarfile.AREGTYPE, DIR, SYM, LNK, tarfile.CHRTYPE, tarfile.FIFOTYPE, b"x", b"L", b"K", b"S", b"V"]
+    ),
+    numbers=st.tuples(*[st.integers(0, 0o7777777)] * 3, st.integers(0, 2**33), st.integers(-(2**40), 2**40)),
+    fmt=st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT]),
+    corrupt=st.lists(st.tuples(st.sampled_from(SPANS + NUMBER_SPANS * 2), FIELD_BYTES), max_size=3),
+    fix_checksum=st.sampled_from([True, True, True, False]),
+)
+@example(name="dir/", kind=tarfile.AREGTYPE, numbers=(0o755, 0, 0, 0, 0), fmt=0, corrupt=[], fix_checksum=False)
+@example(name="p/" * 60 + "leaf", kind=b"L", numbers=(0, 0, 0, 9, 0), fmt=0, corrupt=[], fix_checksum=False)
+@example(name="a", kind=REG, numbers=(0, 0, 0, 0, -5), fmt=1, corrupt=[((100, 8), b" 644 ")], fix_checksum=True)
+def test_the_header_parser_reads_what_tarfile_reads(
+    name: str,
+    kind: bytes,
+    numbers: tuple[int, int, int, int, int],
+    fmt: int,
+    corrupt: list[tuple[tuple[int, int], bytes]],
+    fix_checksum: bool,
+) -> None:
+    """``tarstream.parse_header`` is a fast copy of ``tarfile.TarInfo.frombuf``: on valid and corrupted headers it
+    gives the same fields, or the same error, as tarfile (which the reader used before)."""
+    from imgci.tarstream import parse_header
+
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode, info.uid, info.gid, info.size, info.mtime = numbers
+    info.linkname = "target" if kind in (SYM, LNK) else ""
+    info.uname, info.gname, info.devmajor, info.devminor = "user", "group", 3, 7
+    try:
+        block = bytearray(_header_block(info, fmt))
+    except ValueError:
+        return  # tarfile cannot write it in this format: nothing to compare
+    for (offset, length), data in corrupt:
+        block[offset : offset + length] = data[:length].ljust(length, b"\x00")
+    if fix_checksum:
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\x00 " % (sum(block) & 0o777777)
+    if block.count(0) == 512:
+        return  # the end-of-archive block: the reader never parses it
+    try:
+        expected = tarfile.TarInfo.frombuf(bytes(block), "utf-8", "surrogateescape")
+    except tarfile.HeaderError as e:
+        try:
+            parse_header(bytes(block))
+        except tarfile.HeaderError as mine:
+            assert str(mine) == str(e)
+            return
+        raise AssertionError(f"tarfile refused the header ({e}), parse_header accepted it") from None
+    got = parse_header(bytes(block))
+    assert {f: getattr(got, f) for f in FIELDS} == {f: getattr(expected, f) for f in FIELDS}
