@@ -102,11 +102,21 @@ class _Applier:
         self.added: set[str] = set()  # what the current layer created (an opaque whiteout keeps those)
         self._warned: set[str] = set()
         self.root = RootDir(target, on_mkdir=self.added_path)
+        # The directory the last regular file went into (archive path parts, fd, resolved names), reached without
+        # following a symlink: the next file of the same directory goes there without walking to it again. Only
+        # regular files use and keep it; any other entry (which may replace or remove directories) drops it first.
+        self._parent: tuple[tuple[str, ...], int, list[str]] | None = None
 
     def added_path(self, path: str) -> None:
         self.added.add(path)
 
+    def _drop_parent(self) -> None:
+        if self._parent is not None:
+            os.close(self._parent[1])
+            self._parent = None
+
     def close(self) -> None:
+        self._drop_parent()
         self.root.close()
 
     def _warn_once(self, kind: str, message: str) -> None:
@@ -154,6 +164,7 @@ class _Applier:
                 raise ArchiveError(f"cannot extract {entry.name!r}: {e.strerror or e}") from None
             except OverflowError as e:  # an int64 device number or time the OS cannot hold (makedev, utime)
                 raise ArchiveError(f"cannot extract {entry.name!r}: {e}") from None
+        self._drop_parent()
         reader.drain()
 
     def _entry(self, e: TarEntry, reader: TarReader) -> None:
@@ -165,12 +176,24 @@ class _Applier:
             self._added("", e)
             return
         base = parts[-1]
-        if base.startswith(WHITEOUT_PREFIX):
-            self._whiteout(e, parts)
-            return
-        opened = self.root.walk(parts[:-1], create=True, follow=True, entry=e.name)
-        assert opened is not None
-        pfd, pnames = opened
+        where = tuple(parts[:-1])
+        cached = self._parent
+        if e.is_file and cached is not None and cached[0] == where and not base.startswith(WHITEOUT_PREFIX):
+            _, pfd, pnames = cached  # kept open for the next file
+            owned = False
+        else:
+            self._drop_parent()
+            if base.startswith(WHITEOUT_PREFIX):
+                self._whiteout(e, parts)
+                return
+            opened = self.root.walk(parts[:-1], create=True, follow=True, entry=e.name)
+            assert opened is not None
+            pfd, pnames = opened
+            # Kept only when no symlink was followed to it: then a file entry of that directory can only change
+            # what is inside it, never a directory or link on the way there.
+            owned = not (e.is_file and pnames == list(where))
+            if not owned:
+                self._parent = (where, pfd, pnames)
         key = relpath([*pnames, base])
         try:
             if e.is_file:
@@ -190,7 +213,8 @@ class _Applier:
                 return
             self._added(key, e)
         finally:
-            os.close(pfd)
+            if owned:
+                os.close(pfd)
 
     def _added(self, key: str, e: TarEntry) -> None:
         """``e`` now exists at root-relative ``key`` (hook for :class:`LayerDirApplier`)."""

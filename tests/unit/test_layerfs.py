@@ -196,6 +196,31 @@ BREAKOUTS: list[tuple[str, list[list[Any]], type[Exception] | None, Callable[[Pa
     ("too deep", [[tb.file("a/" * (MAX_DEPTH + 1) + "f")]], UnsafeArchiveError, None),
     ("truncated with huge size", [[tb.file("big", b"abc", size=1 << 40)]], CorruptArchiveError, None),
     ("parent is a regular file", [[tb.file("f", b"x"), tb.file("f/x", b"y")]], ArchiveError, None),
+    # files one after another in one directory reuse its fd: an entry that replaces that directory must end it
+    (
+        "a file replaces the directory the files before went into",
+        [[tb.file("a/b/x", b"1"), tb.file("a/b", b"now a file"), tb.file("a/b/y", b"2")]],
+        ArchiveError,
+        None,
+    ),
+    (
+        "a symlink replaces the directory the files before went into",
+        [[tb.file("a/x", b"1"), tb.symlink("a", "../outside"), tb.file("a/y", b"2")]],
+        UnsafeArchiveError,
+        None,
+    ),
+    (
+        "a file replaces the symlink its directory was reached through",
+        [[tb.symlink("l", "."), tb.file("l/x", b"1"), tb.file("l/l", b"file"), tb.file("l/y", b"2")]],
+        ArchiveError,
+        None,
+    ),
+    (
+        "files of one directory, a whiteout, then more",
+        [[tb.directory("d"), tb.file("d/x", b"1"), tb.file("d/y", b"2")], [tb.file("d/.wh.x"), tb.file("d/z", b"3")]],
+        None,
+        lambda t: sorted(os.listdir(t / "d")) == ["y", "z"],
+    ),
 ]
 
 
