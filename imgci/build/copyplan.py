@@ -168,7 +168,8 @@ class _Planner:
         if self.chmod is not None and src.type != "symlink":
             mode = self.chmod.apply(mode, src.type == "dir")
         mtime = self.options.timestamp if self.options.timestamp is not None else src.mtime
-        return replace(src, path=target, uid=uid, gid=gid, mode=mode, mtime=mtime)
+        s = src  # all fields by position: twice as fast as dataclasses.replace, once per copied file
+        return FileInfo(target, s.type, mode, uid, gid, s.size, mtime, s.linkname, s.devmajor, s.devminor, s.xattrs)
 
     # -- copying one node --------------------------------------------------------------------------------------
     def _flush(self, pending: list[_Pending]) -> None:
@@ -194,7 +195,8 @@ class _Planner:
             raise BuildError(f"cannot replace to directory /{target} with file")
         meta = self._meta(src, target)
         if src.type == "file":
-            key = fs.inode_key(real) if isinstance(fs, InodeAware) else None
+            inode_key = getattr(fs, "inode_key", None)  # InodeAware (a Protocol isinstance costs ~10 µs a file)
+            key = inode_key(real) if inode_key is not None else None
             first = self.links.get((id(fs), *key)) if key is not None else None
             if first is not None and first in self.entries:
                 self.put(LayerEntry(replace(meta, type="hardlink", linkname=first, size=0)))

@@ -450,3 +450,18 @@ def test_source_digest_uses_the_context_stat_cache(tmp_path: Path) -> None:
         assert first.hasher.files_read == 10
     with BuildContext(root, cache_dir=tmp_path / "cache") as second:
         assert source_digest(["d"], src_fs=second) == digest and second.hasher.files_read == 0
+
+
+def test_the_planned_metadata_keeps_every_field_of_the_source() -> None:
+    """``_Planner._meta`` builds the FileInfo by position (fast): every field not COPY's to change is kept."""
+    import dataclasses
+
+    from imgci.build.copyplan import _Planner
+    from imgci.build.fs import FileInfo
+
+    values = {"path": "a/b", "type": "file", "mode": 0o4751, "uid": 7, "gid": 8, "size": 9, "mtime": 10.5}
+    values |= {"linkname": "l", "devmajor": 11, "devminor": 12, "xattrs": (("user.x", b"1"),)}
+    assert set(values) == {f.name for f in dataclasses.fields(FileInfo)}, "a new FileInfo field: _meta must copy it"
+    src = FileInfo(**values)  # type: ignore[arg-type]
+    planner = _Planner(dest_fs=None, options=CopyOptions(), scratch=None, now=0.0)
+    assert planner._meta(src, "dest/b") == dataclasses.replace(src, path="dest/b")
