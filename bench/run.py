@@ -742,7 +742,8 @@ def network_lines(net: dict[str, Any]) -> list[str]:
     return lines
 
 
-def print_tables(result: dict[str, Any]) -> None:
+def print_tables(result: dict[str, Any]) -> list[str]:
+    """Print the header, a table per workload, the summary and the notes; returns the summary's target lines."""
     print(machine_line(result["machine"]))
     if result["machine"]["other_cpu_share"] > 0.1:
         print("warning: the machine was busy with other work; these numbers are not representative")
@@ -776,9 +777,53 @@ def print_tables(result: dict[str, Any]) -> None:
             for n in names:
                 cells += _cells(me, row["builders"].get(n, {}), n == "imgci")
             print("| " + " | ".join(cells) + " |")
+    targets = print_summary(result)
     print()
     for note in result["notes"]:
         print(f"note: {note}")
+    return targets
+
+
+def print_summary(result: dict[str, Any]) -> list[str]:
+    """One line per workload: every builder's totals, row by row (a peer's with its ratio to imgci's); then how
+    imgci stands against the fastest peer of each row: at or below it on cold and one-file-change rows, within
+    1.5x on warm rows (imgci a fresh process, BuildKit a daemon already running)."""
+    names = list(result["builders"])
+    print("\n### Summary (total seconds, build + push)\n")
+    print("| workload | " + " | ".join(names) + " |")
+    print("|---|" + "--:|" * len(names))
+    verdicts: list[str] = []
+    for workload in result["workloads"]:
+        rows = [r for r in result["rows"] if r["workload"] == workload["key"]]
+        if not rows:
+            continue
+        cells = []
+        for n in names:
+            parts = []
+            for row in rows:
+                me, cell = row["builders"].get("imgci", {}), row["builders"].get(n, {})
+                if "total_s" not in cell:
+                    parts.append("error")
+                elif n == "imgci" or not me.get("total_s"):
+                    parts.append(f"{cell['total_s']:.2f}")
+                else:
+                    parts.append(f"{cell['total_s']:.2f} ({cell['total_s'] / me['total_s']:.2f}{TIMES})")
+            cells.append(" · ".join(parts))
+        print(f"| {workload['name']} | " + " | ".join(cells) + " |")
+        for row in rows:
+            me = row["builders"].get("imgci", {}).get("total_s")
+            peers = [c["total_s"] for n, c in row["builders"].items() if n != "imgci" and "total_s" in c]
+            if me is None or not peers:
+                continue
+            best, bound = min(peers), 1.5 if row["scenario"] == "warm" else 1.0
+            ok = me <= best * bound
+            verdicts.append(
+                f"{'ok' if ok else 'MISSED'}: {workload['name']}, {row['scenario_name']}: imgci {me:.2f} s,"
+                f" fastest peer {best:.2f} s ({me / best:.2f}{TIMES} of it; target {bound:g}{TIMES})"
+            )
+    for line in verdicts:
+        print(f"target {line}")
+    return verdicts
 
 
 # -- main ---------------------------------------------------------------------------------------------------------
@@ -963,7 +1008,7 @@ def main() -> None:
         result["machine"].update(other_cpu_share=round(other, 3), kernel_cpu_share=round(kernel, 3))
         notes += run_notes(result, keys)
         result["notes"] = notes
-        print_tables(result)
+        result["targets"] = print_tables(result)
         print(f"\n(total {result['total_s']} s)")
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
