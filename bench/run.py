@@ -523,7 +523,7 @@ class Bench:
     def measure(self, builder: Builder, build: Callable[[], Run] | None, push: Callable[[], Run]) -> Sample:
         """Time ``build`` (None: nothing to build), then ``push`` unless the build failed."""
         services = [*builder.daemons, *self.services]
-        os.sync()  # the previous command's dirty pages go now, not during this one
+        settle()
         _, down0 = self.relay.counts()
         with self.meter.window(services):
             built = build() if build else Run()
@@ -539,7 +539,7 @@ class Bench:
         """One command that builds and pushes (imgci's ``build --push``): its bytes up count as the push's, down
         as the build's (the base image pulled; the push's few replies are in it too)."""
         services = [*builder.daemons, *self.services]
-        os.sync()
+        settle()
         up0, down0 = self.relay.counts()
         with self.meter.window(services):
             built, pushed = both()
@@ -550,6 +550,28 @@ class Bench:
         if isinstance(builder, Imgci) and builder.one_command:
             return self.measure_one(builder, partial(builder.build_push, ctx, tag))
         return self.measure(builder, partial(builder.build, ctx, tag), partial(builder.push, tag))
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs; iowait counts as busy (a disk still writing is not quiet)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return fields[3], sum(fields[:8])
+
+
+def settle(max_wait: float = 5.0, window: float = 0.1, idle: float = 0.9) -> float:
+    """Before a timed command: write the previous commands' dirty pages out (``sync``), then wait until the CPUs
+    were at least 90 % idle over a 0.1 s window — a daemon's garbage collection after ``builder prune``, ext4
+    freeing blocks of a removed tree, writeback — or ``max_wait`` passed. Returns the seconds waited."""
+    os.sync()
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait:
+        idle0, total0 = _cpu_times()
+        time.sleep(window)
+        idle1, total1 = _cpu_times()
+        if total1 > total0 and (idle1 - idle0) / (total1 - total0) >= idle:
+            break
+    return time.perf_counter() - start
 
 
 def progress(workload: str, builder: Builder, scenario: str, s: Sample) -> None:
@@ -985,8 +1007,8 @@ def main() -> None:
         t0 = time.perf_counter()
         for key in keys:
             per: dict[str, dict[str, list[Sample]]] = {}  # builder → scenario → rounds
-            for b in builders:
-                for rnd in range(args.repeat):
+            for rnd in range(args.repeat):  # rounds interleave the builders: none always follows the same one
+                for b in builders:
                     if key == "matrix":
                         got = matrix_round(bench, base, b, rnd, wanted)
                     elif key == "push":
