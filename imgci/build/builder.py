@@ -295,6 +295,12 @@ class Builder:
                 ssh=dict(req.ssh),
                 network=req.network,
             )
+            if not keys_only and any(
+                isinstance(instr, RunInstruction) for i in order for instr in dockerfile.stages[i].instructions
+            ):
+                from imgci.build.sandbox.launcher import prestart_fork_server
+
+                prestart_fork_server()  # ~80 ms of interpreter start off the first RUN's path (cold or changed)
             stages: dict[int, _StageInfo] = {}
             count = 0
             for index in order:

@@ -94,6 +94,38 @@ def test_a_server_that_went_away_is_an_error_the_launcher_can_fall_back_on(serve
             server.spawn()
 
 
+def test_a_prestarted_server_is_the_one_spawn_uses(server: ForkServer) -> None:
+    server.prestart()
+    assert server._proc is not None
+    started = server._proc.pid
+    server.prestart()  # once only
+    assert server._proc.pid == started
+    child = server.spawn()
+    child.stdin.close()
+    assert child.wait(timeout=10) == 1
+    assert server._proc.pid == started  # no second interpreter
+
+
+def test_a_prestarted_server_nobody_used_goes_away_quietly(tmp_path: Path) -> None:
+    """A build with RUN steps that were all cached prestarts the server and exits without using it: the server
+    must exit, and print nothing (it shares the build's stderr)."""
+    err = tmp_path / "stderr"
+    with open(err, "wb") as f:
+        saved = os.dup(2)
+        os.dup2(f.fileno(), 2)  # the server inherits stderr
+        try:
+            s = ForkServer(_child_env())
+            s.prestart()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    assert s._proc is not None
+    proc = s._proc
+    s.close()  # before the server said it is ready
+    assert proc.wait(timeout=10) == 0
+    assert err.read_bytes() == b""
+
+
 def test_builds_give_the_same_layers_with_and_without_the_fork_server(
     imgci: Imgci, busybox: str, tmp_path: Path
 ) -> None:

@@ -76,6 +76,7 @@ class ForkServer:
         self._env = env
         self._lock = threading.Lock()  # one request at a time on the socket
         self._sock: socket.socket | None = None
+        self._starting: socket.socket | None = None  # started by prestart, its hello not read yet
         self._proc: subprocess.Popen[bytes] | None = None
         self._children: dict[int, ForkedChild] = {}
         self._early: dict[int, int] = {}  # statuses that came before the child was registered
@@ -84,7 +85,21 @@ class ForkServer:
         self._next_id = 0
         self._broken = False
 
+    def prestart(self) -> None:
+        """Start the server now without waiting for it (a build that is going to run RUN steps): its interpreter
+        start (~80 ms) then overlaps the build's own work instead of delaying the first RUN. Best effort: the
+        first :meth:`spawn` waits for it, or starts one itself."""
+        with self._lock:
+            if self._sock is not None or self._starting is not None or self._broken:
+                return
+            with contextlib.suppress(OSError):
+                self._starting = self._launch()
+
     def _start(self) -> socket.socket:
+        starting, self._starting = self._starting, None
+        return self._confirm(starting if starting is not None else self._launch())
+
+    def _launch(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
@@ -98,8 +113,14 @@ class ForkServer:
                 cwd="/",
                 start_new_session=True,
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
+        return ours
+
+    def _confirm(self, ours: socket.socket) -> socket.socket:
         ours.settimeout(None)
         hello = ours.recv(_MSG)
         if hello != b'{"ready": true}':
@@ -188,7 +209,8 @@ class ForkServer:
 
     def close(self) -> None:
         with self._lock:
-            sock, self._sock = self._sock, None
+            sock, self._sock = self._sock or self._starting, None
+            self._starting = None
             self._broken = True
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -212,7 +234,10 @@ def serve(fd: int) -> None:
     os.set_blocking(wake_w, False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
-    sock.send(b'{"ready": true}')
+    try:
+        sock.send(b'{"ready": true}')
+    except OSError:
+        return  # the build process is gone already (a prestarted server whose build needed no RUN)
     children: set[int] = set()
     while True:
         readable, _, _ = select.select([sock.fileno(), wake_r], [], [])
@@ -237,14 +262,16 @@ def serve(fd: int) -> None:
         except OSError as e:
             for f in fds:
                 os.close(f)
-            sock.send(json.dumps({"id": request, "error": str(e)}).encode())
+            with contextlib.suppress(OSError):  # the build process is gone: the next recv says so
+                sock.send(json.dumps({"id": request, "error": str(e)}).encode())
             continue
         if pid == 0:
             _become_child(list(fds))
         for f in fds:
             os.close(f)
         children.add(pid)
-        sock.send(json.dumps({"id": request, "pid": pid}).encode())
+        with contextlib.suppress(OSError):
+            sock.send(json.dumps({"id": request, "pid": pid}).encode())
         _reap(sock, children)
 
 

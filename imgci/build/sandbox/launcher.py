@@ -371,6 +371,14 @@ def _fork_server() -> Any:
         return _FORK_SERVER[0]
 
 
+def prestart_fork_server() -> None:
+    """Start the process's fork server in the background, for a build that has RUN steps (see
+    :meth:`ForkServer.prestart`); nothing when it is disabled."""
+    server = _fork_server()
+    if server is not None:
+        server.prestart()
+
+
 def _disable_fork_server(reason: str) -> None:
     import logging
 
