@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform as _platform
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,7 +133,7 @@ class Platform:
 
     @classmethod
     def host(cls) -> Platform:
-        machine = _platform.machine().lower()
+        machine = os.uname().machine.lower()  # platform.machine(), without importing platform (~2 ms)
         arch = _ARCH_ALIASES.get(machine, machine)
         variant = ""
         if machine.startswith("armv7"):

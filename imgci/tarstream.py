@@ -26,9 +26,12 @@ import struct
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from imgci.compression import Readable
 from imgci.errors import ArchiveError, CorruptArchiveError, UnsafeArchiveError
+
+if TYPE_CHECKING:
+    from imgci.compression import Readable  # (not at run time: the decompressors are not needed to read)
 
 BLOCK = 512
 MAX_DEPTH = 256  # path components; deeper names are refused (real images stay far below)

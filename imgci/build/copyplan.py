@@ -39,10 +39,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from imgci.build import treepath
-from imgci.build.archiveplan import extract, is_archive
 from imgci.build.copyperms import Chmod, created_dir_mode, parse_chmod
 from imgci.build.copysources import Item, MemoryFile, digest_items, expand_sources
 from imgci.build.dockerignore import Matcher
@@ -83,6 +82,13 @@ class CopyOptions:
     timestamp: float | None = None
     now: float | None = None
     instruction: str = "COPY"
+
+
+def _archiveplan() -> Any:
+    """:mod:`imgci.build.archiveplan`, imported by the first ADD of an archive (with the decompressors it needs)."""
+    from imgci.build import archiveplan
+
+    return archiveplan
 
 
 @runtime_checkable
@@ -252,12 +258,12 @@ class _Planner:
     # -- one top-level item ------------------------------------------------------------------------------------
     def copy_item(self, item: Item, dest: str, dest_is_dir: bool, many: bool) -> None:
         info = item.info
-        if item.unpack and info.type == "file" and is_archive(item.fs, item.real):
+        if item.unpack and info.type == "file" and _archiveplan().is_archive(item.fs, item.real):
             if self.scratch is None:
                 raise BuildError("ADD of an archive needs a scratch directory to unpack into")
             where = self.resolve_parents(dest, follow_last=True)
             self.ensure_dir(where)
-            extract(item.fs, item.real, where, self, scratch=self.scratch, owner=self.options.chown)
+            _archiveplan().extract(item.fs, item.real, where, self, scratch=self.scratch, owner=self.options.chown)
             return
         target = self.resolve_parents(dest, follow_last=True)
         existing = self.lookup(target)

@@ -29,9 +29,7 @@ import os
 import secrets
 import shutil
 import stat
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -333,6 +331,9 @@ class LayerStore:
         per-entry Python work, which one interpreter runs a thread at a time; in two processes they use two CPUs
         (a 4,000-file COPY: ~1.0 s → ~0.6 s here). The child starts in ~40 ms, so only large layers come here.
         The child writes the index next to ``root``; an error it reports is raised as the same imgci error."""
+        import subprocess  # (here: a cached rebuild writes no layer and needs neither)
+        import tempfile
+
         tmp = self.root / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
         (tmp / "root").mkdir(parents=True)
         proc: subprocess.Popen[bytes] | None = None

@@ -479,7 +479,7 @@ def test_a_layer_of_many_entries_is_unpacked_by_a_process_of_its_own(
         spawned.append(list(args))
         return popen(args, **kw)  # type: ignore[call-overload]
 
-    monkeypatch.setattr(layerstore.subprocess, "Popen", spy)
+    monkeypatch.setattr(subprocess, "Popen", spy)
     result, path = layers.write_layer(entries, source_date_epoch=10)
     assert [a[1:3] for a in spawned] == [["-m", "imgci._unpack"]]
     assert (path / "root/src/d5/f5.txt").read_bytes() == b"data 5\n" * 5

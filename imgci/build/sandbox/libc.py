@@ -8,7 +8,6 @@ compiler. Constants are Linux's (identical on x86_64 and aarch64).
 from __future__ import annotations
 
 import os
-import platform
 from typing import Any
 
 CLONE_NEWNS = 0x00020000
@@ -100,9 +99,9 @@ def umount(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     lib, ffi = _libc()
-    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    number = _SYS_PIVOT_ROOT.get(os.uname().machine)
     if number is None:
-        raise OSError(38, f"pivot_root: unknown syscall number on {platform.machine()}")
+        raise OSError(38, f"pivot_root: unknown syscall number on {os.uname().machine}")
     result = lib.syscall(number, ffi.new("char[]", os.fsencode(new_root)), ffi.new("char[]", os.fsencode(put_old)))
     _check(int(result), "pivot_root", new_root)
 
