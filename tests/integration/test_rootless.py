@@ -100,3 +100,50 @@ def test_unprivileged_user_builds_with_chown(user: RootlessUser, busybox_tar: Pa
         assert owners["work"] == (0, 0)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_unprivileged_user_copies_a_large_context(user: RootlessUser, busybox_tar: Path) -> None:
+    """A COPY of 1,200 files: its layer is unpacked into STATE/layers by a child process (imgci._unpack) running
+    as the unprivileged user, and what a later step reads from it (COPY --from) comes from that layer."""
+    home = user.private_dir()
+    try:
+        tar = home / "busybox.tar"
+        shutil.copy(busybox_tar, tar)
+        os.chmod(tar, 0o644)
+        ctx = home / "ctx"
+        for i in range(1200):
+            f = ctx / "many" / f"d{i % 12}" / f"f{i}.txt"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(f"file {i}\n")
+        (ctx / "Dockerfile").write_text(
+            "FROM localhost/busybox:latest AS base\nCOPY --chown=nobody:nogroup many/ /many/\n"
+            "FROM base\nCOPY --from=base /many/d7/f7.txt /again.txt\n"
+        )
+        for p in [ctx, *ctx.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        state = home / "state"
+        user.imgci("import", str(tar), "localhost/busybox:latest", state=state)
+        user.imgci(
+            "build", "-t", "rootless/many:1", "--output", f"type=oci,dest={home / 'oci.tar'}", str(ctx), state=state
+        )
+        import tarfile
+
+        members: dict[str, tuple[int, int, bytes]] = {}
+        with tarfile.open(home / "oci.tar") as oci:
+            index = json.load(oci.extractfile("index.json"))  # type: ignore[arg-type]
+            manifest = json.load(oci.extractfile("blobs/sha256/" + index["manifests"][0]["digest"][7:]))  # type: ignore[arg-type]
+            for layer in manifest["layers"][1:]:
+                blob = oci.extractfile("blobs/sha256/" + layer["digest"][7:])
+                with tarfile.open(fileobj=blob, mode="r:gz") as lt:
+                    for m in lt.getmembers():
+                        data = lt.extractfile(m).read() if m.isfile() else b""  # type: ignore[union-attr]
+                        members[m.name.rstrip("/")] = (m.uid, m.gid, data)
+        assert sum(1 for k in members if k.startswith("many/") and k.endswith(".txt")) == 1200
+        assert members["many/d5/f5.txt"] == (65534, 65534, b"file 5\n")
+        assert members["again.txt"] == (65534, 65534, b"file 7\n")
+        indexes = [json.loads(p.read_text()) for p in (state / "layers").glob("*/index.json")]
+        assert any(len(doc["entries"]) > 1200 for doc in indexes)  # the COPY layer, unpacked
+        assert not list((state / "layers").glob(".tmp-*"))
+        assert "ok:" in user.imgci("fsck", state=state)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
