@@ -266,12 +266,8 @@ def _warm_up_pushes(outputs: list[Any], tags: list[str], client_factory: Any) ->
 
 def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
     from imgci import reference
-    from imgci.build.builder import Builder, BuildRequest
-    from imgci.build.layerstore import LayerStore
-    from imgci.build.outputs import export, metadata, parse_output
-    from imgci.build.resolver import StoreResolver
-    from imgci.build.solver import Solver
-    from imgci.buildui import BuildProgress
+    from imgci.build.builder import BuildRequest
+    from imgci.build.outputs import parse_output
     from imgci.oci import Platform
 
     context = Path(args.context)
@@ -286,7 +282,7 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
         outputs.insert(0, parse_output("type=image"))
     if any(o.type == "image" and o.push for o in outputs) and not tags and not any(o.names for o in outputs):
         raise UsageError("--push needs a name: add -t NAME")
-    from imgci.cache.backends import make_importer, parse_cache_from, parse_cache_to
+    from imgci.cache.backends import parse_cache_from, parse_cache_to
 
     cache_from = [parse_cache_from(s) for s in args.cache_from]
     cache_to = [parse_cache_to(s) for s in args.cache_to]
@@ -323,6 +319,47 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
         no_cache_filter=[f for item in args.no_cache_filter for f in item.split(",") if f],
         inline_cache=any(spec.type == "inline" for spec in cache_to),
     )
+    helper = _push_helper(store, outputs, tags, client_factory)  # forked now: no thread may run yet
+    try:
+        return _run_build(args, store, client_factory, request, outputs, tags, cache_from, cache_to, helper)
+    finally:
+        if helper is not None:
+            helper.close()
+
+
+def _push_helper(store: Any, outputs: list[Any], tags: list[str], client_factory: Any) -> Any:
+    """A forked :class:`imgci.pushhelper.PushHelper` for the one pushing output's names, or None."""
+    from imgci import reference
+
+    pushing = [o for o in outputs if o.type == "image" and o.push]
+    if len(pushing) != 1:
+        return None
+    names = [str(reference.parse(n)) for n in [*tags, *(n for n in pushing[0].names if n not in tags)]]
+    from imgci.pushhelper import PushHelper
+
+    return PushHelper.start(store.root, names, client_factory)
+
+
+def _run_build(
+    args: argparse.Namespace,
+    store: Any,
+    client_factory: Any,
+    request: Any,
+    outputs: list[Any],
+    tags: list[str],
+    cache_from: list[Any],
+    cache_to: list[Any],
+    helper: Any,
+) -> int:
+    from imgci import reference
+    from imgci.build.builder import Builder
+    from imgci.build.layerstore import LayerStore
+    from imgci.build.outputs import export, metadata
+    from imgci.build.resolver import StoreResolver
+    from imgci.build.solver import Solver
+    from imgci.buildui import BuildProgress
+    from imgci.cache.backends import make_importer
+
     progress = BuildProgress("quiet" if args.quiet else (args.progress or "auto"))
     request.cache_importers = [
         make_importer(spec, client_factory=client_factory, platform=request.platform, on_note=progress.note)
@@ -336,7 +373,7 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
     layer_store = LayerStore(store)
     resolver = StoreResolver(store, client_factory=client_factory, pull="always" if args.pull else "missing")
     builder = Builder(store, resolver=resolver, solver=solver, layer_store=layer_store, on_note=progress.note)
-    warm_up = _warm_up_pushes(outputs, tags, client_factory)
+    warm_up = None if helper is not None else _warm_up_pushes(outputs, tags, client_factory)
     ok = False
     try:
         result = builder.build(request)
@@ -357,6 +394,7 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
             descriptor=result.descriptor,
             names=tags,
             client_factory=client_factory,
+            pusher=helper.push if helper is not None and spec.push else None,
         )
         push_duration += facts.pop("push_duration", 0.0)
         info.update(facts)

@@ -64,8 +64,10 @@ def export(
     names: list[str],
     client_factory: Any = None,
     progress: Any = None,
+    pusher: Any = None,
 ) -> dict[str, Any]:
-    """Carry out one output; returns facts for the metadata file (e.g. pushed digests)."""
+    """Carry out one output; returns facts for the metadata file (e.g. pushed digests). ``pusher``, when given,
+    pushes the names instead of this process (``imgci.pushhelper.PushHelper.push``)."""
     info: dict[str, Any] = {}
     all_names = list(names) + [n for n in spec.names if n not in names]
     if spec.type == "image":
@@ -81,10 +83,15 @@ def export(
 
             pushed = []
             started = time.monotonic()
-            for n in normalised:
-                result = push_image(store, n, reference.parse(n), client_factory=client_factory, progress=progress)
-                pushed.append(n)
-                info["pushed_digest"] = result.digest.value
+            if pusher is not None:
+                digests, _ = pusher(normalised)
+                pushed = [n for n in normalised if n in digests]
+                info["pushed_digest"] = digests[normalised[-1]]
+            else:
+                for n in normalised:
+                    result = push_image(store, n, reference.parse(n), client_factory=client_factory, progress=progress)
+                    pushed.append(n)
+                    info["pushed_digest"] = result.digest.value
             info["pushed"] = pushed
             info["push_duration"] = time.monotonic() - started
         info["names"] = normalised

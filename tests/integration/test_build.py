@@ -166,6 +166,32 @@ def test_outputs_iidfile_and_metadata(imgci: Imgci, busybox: str, tmp_path: Path
     assert len(manifest[0]["Layers"]) == 2
 
 
+@pytest.mark.parametrize("helper", ["1", "0"])
+def test_build_push_from_the_helper_process_or_in_process(
+    imgci: Imgci, busybox: str, tmp_path: Path, basic_registry: RegistryServer, helper: str
+) -> None:
+    """``build --push`` pushes from a forked helper (IMGCI_PUSH_HELPER=1, the default) or from the build process
+    (0): the same image in the registry, the same errors (a registry that wants a login)."""
+    assert basic_registry.ca_path is not None
+    imgci.trust(basic_registry.ca_path, tmp_path)
+    imgci.env["IMGCI_PUSH_HELPER"] = helper
+    imgci.env["SOURCE_DATE_EPOCH"] = "0"
+    ctx = _context(tmp_path, f"FROM {busybox}\nCOPY f /f\n", {"f": "pushed"})
+    name = f"{basic_registry.host}/helper/app:{helper}"
+    err = imgci.fails("build", "--push", "-t", name, str(ctx))
+    assert "imgci login" in err and basic_registry.host in err  # not logged in yet
+    imgci.run("login", basic_registry.host, "-u", "testuser", "--password-stdin", input="testpass\n")
+    meta = tmp_path / "meta.json"
+    imgci.run("build", "--push", "-t", name, "--metadata-file", str(meta), str(ctx))
+    doc = json.loads(meta.read_text())
+    assert doc["imgci.pushed"] == [name] and doc["imgci.push_duration"] > 0
+    fresh = Imgci(state=tmp_path / "pull-state", docker_config=imgci.docker_config)
+    fresh.trust(basic_registry.ca_path, tmp_path)
+    assert f"Digest: {doc['containerimage.digest']}" in fresh.run("pull", name).stdout
+    again = imgci.run("build", "--push", "-t", name, str(ctx))  # warm: the tag names this digest already
+    assert again.returncode == 0
+
+
 def test_dockerfile_from_stdin_and_elsewhere_and_dockerignore(imgci: Imgci, busybox: str, tmp_path: Path) -> None:
     ctx = _context(
         tmp_path,
