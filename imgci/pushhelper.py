@@ -128,21 +128,20 @@ def _serve(
     if os.getppid() == 1:
         return 0  # the parent died before prctl
     from imgci import reference
+    from imgci.store import Store
+    from imgci.transfer import push_image
 
     targets = sorted({(r.registry, r.repository) for r in map(reference.parse, names)})
     for registry, repository in targets:
         client_factory(registry).warm_up(repository, push=True)
-    request = _read_all(request_fd)
-    if not request:
-        return 0  # no push: the build failed or needs none
-    wanted = json.loads(request)["push"]
-    from imgci.store import Store
-    from imgci.transfer import push_image
-
     pushed: list[dict[str, str]] = []
     error: dict[str, Any] | None = None
-    started = time.monotonic()
-    with Store(store_root) as store:
+    with Store(store_root) as store:  # opened before the build ends; it reads what the build committed by then
+        request = _read_all(request_fd)
+        if not request:
+            return 0  # no push: the build failed or needs none
+        wanted = json.loads(request)["push"]
+        started = time.monotonic()
         for name in wanted:
             try:
                 result = push_image(store, name, reference.parse(name), client_factory=client_factory)

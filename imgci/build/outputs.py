@@ -79,8 +79,6 @@ def export(
         if spec.push:
             if not normalised:
                 raise UsageError("pushing needs a name: give -t NAME (or name= in --output)")
-            from imgci.transfer import push_image
-
             pushed = []
             started = time.monotonic()
             if pusher is not None:
@@ -88,6 +86,8 @@ def export(
                 pushed = [n for n in normalised if n in digests]
                 info["pushed_digest"] = digests[normalised[-1]]
             else:
+                from imgci.transfer import push_image
+
                 for n in normalised:
                     result = push_image(store, n, reference.parse(n), client_factory=client_factory, progress=progress)
                     pushed.append(n)
