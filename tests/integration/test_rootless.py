@@ -18,6 +18,31 @@ def user(tmp_path_factory: pytest.TempPathFactory) -> RootlessUser:
     return RootlessUser.create(tmp_path_factory.mktemp("rootless"))
 
 
+def _import_busybox(user: RootlessUser, home: Path, busybox_tar: Path, state: Path) -> None:
+    """``localhost/busybox:latest`` in ``state``, imported by the user from a copy of the tar it can read."""
+    tar = home / "busybox.tar"
+    shutil.copy(busybox_tar, tar)
+    os.chmod(tar, 0o644)
+    user.imgci("import", str(tar), "localhost/busybox:latest", state=state)
+
+
+def _layer_members(oci_tar: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every entry of the image's layers above the base in an OCI archive: name -> (uid, gid, file data)."""
+    import tarfile
+
+    members: dict[str, tuple[int, int, bytes]] = {}
+    with tarfile.open(oci_tar) as oci:
+        index = json.load(oci.extractfile("index.json"))  # type: ignore[arg-type]
+        manifest = json.load(oci.extractfile("blobs/sha256/" + index["manifests"][0]["digest"][7:]))  # type: ignore[arg-type]
+        for layer in manifest["layers"][1:]:
+            blob = oci.extractfile("blobs/sha256/" + layer["digest"][7:])
+            with tarfile.open(fileobj=blob, mode="r:gz") as lt:
+                for m in lt.getmembers():
+                    data = lt.extractfile(m).read() if m.isfile() else b""  # type: ignore[union-attr]
+                    members[m.name.rstrip("/")] = (m.uid, m.gid, data)
+    return members
+
+
 def test_unprivileged_user_pull_push_save_unpack(
     user: RootlessUser, registry: RegistryServer, busybox_tar: Path
 ) -> None:
@@ -67,9 +92,6 @@ def test_unprivileged_user_builds_with_chown(user: RootlessUser, busybox_tar: Pa
     """Ownership in layers comes from the Dockerfile, not from the unprivileged user's files."""
     home = user.private_dir()
     try:
-        tar = home / "busybox.tar"
-        shutil.copy(busybox_tar, tar)
-        os.chmod(tar, 0o644)
         ctx = home / "ctx"
         ctx.mkdir()
         (ctx / "f.txt").write_text("owned\n")
@@ -80,21 +102,11 @@ def test_unprivileged_user_builds_with_chown(user: RootlessUser, busybox_tar: Pa
         for p in (ctx, ctx / "f.txt", ctx / "Dockerfile"):
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         state = home / "state"
-        user.imgci("import", str(tar), "localhost/busybox:latest", state=state)
+        _import_busybox(user, home, busybox_tar, state)
         user.imgci(
             "build", "-t", "rootless/app:1", "--output", f"type=oci,dest={home / 'oci.tar'}", str(ctx), state=state
         )
-        import tarfile
-
-        owners = {}
-        with tarfile.open(home / "oci.tar") as oci:
-            index = json.load(oci.extractfile("index.json"))  # type: ignore[arg-type]
-            manifest = json.load(oci.extractfile("blobs/sha256/" + index["manifests"][0]["digest"][7:]))  # type: ignore[arg-type]
-            for layer in manifest["layers"][1:]:
-                blob = oci.extractfile("blobs/sha256/" + layer["digest"][7:])
-                with tarfile.open(fileobj=blob, mode="r:gz") as lt:
-                    for m in lt.getmembers():
-                        owners[m.name.rstrip("/")] = (m.uid, m.gid)
+        owners = {name: (uid, gid) for name, (uid, gid, _) in _layer_members(home / "oci.tar").items()}
         assert owners["data/f.txt"] == (65534, 65534)
         assert owners["again.txt"] == (65534, 65534)  # COPY --from keeps the stage's owners
         assert owners["work"] == (0, 0)
@@ -107,9 +119,6 @@ def test_unprivileged_user_copies_a_large_context(user: RootlessUser, busybox_ta
     as the unprivileged user, and what a later step reads from it (COPY --from) comes from that layer."""
     home = user.private_dir()
     try:
-        tar = home / "busybox.tar"
-        shutil.copy(busybox_tar, tar)
-        os.chmod(tar, 0o644)
         ctx = home / "ctx"
         for i in range(1200):
             f = ctx / "many" / f"d{i % 12}" / f"f{i}.txt"
@@ -122,22 +131,11 @@ def test_unprivileged_user_copies_a_large_context(user: RootlessUser, busybox_ta
         for p in [ctx, *ctx.rglob("*")]:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         state = home / "state"
-        user.imgci("import", str(tar), "localhost/busybox:latest", state=state)
+        _import_busybox(user, home, busybox_tar, state)
         user.imgci(
             "build", "-t", "rootless/many:1", "--output", f"type=oci,dest={home / 'oci.tar'}", str(ctx), state=state
         )
-        import tarfile
-
-        members: dict[str, tuple[int, int, bytes]] = {}
-        with tarfile.open(home / "oci.tar") as oci:
-            index = json.load(oci.extractfile("index.json"))  # type: ignore[arg-type]
-            manifest = json.load(oci.extractfile("blobs/sha256/" + index["manifests"][0]["digest"][7:]))  # type: ignore[arg-type]
-            for layer in manifest["layers"][1:]:
-                blob = oci.extractfile("blobs/sha256/" + layer["digest"][7:])
-                with tarfile.open(fileobj=blob, mode="r:gz") as lt:
-                    for m in lt.getmembers():
-                        data = lt.extractfile(m).read() if m.isfile() else b""  # type: ignore[union-attr]
-                        members[m.name.rstrip("/")] = (m.uid, m.gid, data)
+        members = _layer_members(home / "oci.tar")
         assert sum(1 for k in members if k.startswith("many/") and k.endswith(".txt")) == 1200
         assert members["many/d5/f5.txt"] == (65534, 65534, b"file 5\n")
         assert members["again.txt"] == (65534, 65534, b"file 7\n")
