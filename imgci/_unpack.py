@@ -7,8 +7,8 @@ The build process uses it for large layers it writes itself (a ``COPY`` of thous
 process they take turns on one interpreter lock; here they run on two CPUs. See
 :meth:`imgci.build.layerstore.LayerStore._unpack_while`.
 
-Exit status 0 when done; for an error imgci reports, one JSON object ``{"error": CLASS, "message": …, "hint": …}``
-on stdout and exit status 3 (the class is one of :mod:`imgci.errors`). Anything else is a crash, reported by the
+Exit status 0 when done; for an error imgci reports, its :meth:`imgci.errors.ImgciError.report` as JSON on stdout
+and exit status 3. Anything else is a crash, reported by the
 caller with the end of stderr.
 """
 
@@ -37,8 +37,7 @@ def main(argv: list[str]) -> int:
             f.flush()
             os.fsync(f.fileno())
     except ImgciError as e:
-        doc = {"error": type(e).__name__, "message": e.message, "hint": e.hint}
-        sys.stdout.buffer.write(json.dumps(doc).encode())
+        sys.stdout.buffer.write(json.dumps(e.report()).encode())
         return ERROR_STATUS
     return 0
 

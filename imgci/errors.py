@@ -51,6 +51,26 @@ class ImgciError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def report(self) -> dict[str, str | None]:
+        """This error as JSON for the imgci process that started this one (see :func:`from_report`)."""
+        return {"type": type(self).__name__, "message": self.message, "hint": self.hint}
+
+
+def from_report(doc: object) -> ImgciError | None:
+    """The error a child imgci process sent as :meth:`ImgciError.report`, as the same class of this module (message
+    and hint; a class that needs more than those becomes a plain ImgciError); None when ``doc`` is not such a
+    report or names no imgci error class."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("message"), str):
+        return None
+    cls = globals().get(str(doc.get("type")))
+    if not (isinstance(cls, type) and issubclass(cls, ImgciError)):
+        return None
+    hint = doc.get("hint") if isinstance(doc.get("hint"), str) else None
+    try:
+        return cls(doc["message"], hint=hint)
+    except TypeError:
+        return ImgciError(doc["message"], hint=hint)
+
 
 class UsageError(ImgciError):
     """Bad command-line input."""

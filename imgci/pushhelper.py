@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imgci.errors import ImgciError
+from imgci.errors import ImgciError, from_report
 
 _PR_SET_PDEATHSIG = 1
 
@@ -146,7 +146,7 @@ def _serve(
             try:
                 result = push_image(store, name, reference.parse(name), client_factory=client_factory)
             except ImgciError as e:
-                error = {"type": type(e).__name__, "message": e.message, "hint": e.hint}
+                error = e.report()
                 break
             pushed.append({"name": name, "digest": result.digest.value})
     answer = {"pushed": pushed, "error": error, "seconds": time.monotonic() - started}
@@ -157,16 +157,10 @@ def _serve(
 def _rebuild(error: dict[str, Any]) -> ImgciError:
     """The helper's error as the same class of :mod:`imgci.errors` (message and hint; other fields are only
     for the helper's own retries), or an ImgciError where that class needs more to be made."""
-    from imgci import errors
-
-    cls = getattr(errors, str(error.get("type")), None)
-    message, hint = str(error.get("message", "push failed")), error.get("hint")
-    if isinstance(cls, type) and issubclass(cls, ImgciError):
-        try:
-            return cls(message, hint=hint)
-        except TypeError:
-            pass
-    return ImgciError(message, hint=hint)
+    rebuilt = from_report(error)
+    if rebuilt is not None:
+        return rebuilt
+    return ImgciError(str(error.get("message", "push failed")), hint=error.get("hint"))
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -44,7 +44,7 @@ from imgci.build.layerindex import LayerIndex, LayerIndexBuilder
 from imgci.build.tarwriter import TarPipe
 from imgci.build.union import MergedTree, UnionView, lookup_group, lookup_user
 from imgci.compression import Readable
-from imgci.errors import ImgciError, StoreError
+from imgci.errors import ImgciError, StoreError, from_report
 from imgci.layerfs import consume_verified_layer, extract_layer_dir
 from imgci.oci import Descriptor, Digest
 from imgci.store import Store, fsync_dir
@@ -98,19 +98,15 @@ _F_SETPIPE_SZ = 1031
 
 def _child_error(status: int, report: bytes, stderr: bytes) -> ImgciError:
     """The error ``python -m imgci._unpack`` reported (exit status 3: the same imgci error class), or a crash."""
-    from imgci import _unpack, errors
+    from imgci import _unpack
 
     if status == _unpack.ERROR_STATUS:
         try:
-            doc = json.loads(report)
-            cls = getattr(errors, doc["error"], None)
-            if isinstance(cls, type) and issubclass(cls, ImgciError):
-                try:
-                    return cls(doc["message"], hint=doc.get("hint"))
-                except TypeError:  # a class that needs more than a message
-                    return ImgciError(doc["message"], hint=doc.get("hint"))
-        except (ValueError, KeyError, TypeError):
-            pass
+            error = from_report(json.loads(report))
+        except ValueError:
+            error = None
+        if error is not None:
+            return error
     tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
     said = f": {' / '.join(tail)}" if tail else ""
     return StoreError(f"unpacking a layer into the state directory failed (exit status {status}){said}")

@@ -7,6 +7,7 @@ semantics on a real directory) and the view must show the same tree.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import stat
@@ -509,12 +510,12 @@ def test_a_crashed_unpack_process_falls_back_to_the_blob(
 def test_errors_of_the_unpack_process() -> None:
     from imgci.errors import CorruptArchiveError
 
-    said = b'{"error": "CorruptArchiveError", "message": "bad header at 512", "hint": null}'
+    said = json.dumps(CorruptArchiveError("bad header at 512").report()).encode()  # what imgci._unpack writes
     e = layerstore._child_error(3, said, b"")
     assert isinstance(e, CorruptArchiveError) and e.message == "bad header at 512"
     crash = layerstore._child_error(1, b"", b"Traceback (most recent call last):\n  ...\nValueError: boom\n")
     assert isinstance(crash, StoreError) and "exit status 1" in crash.message and "ValueError: boom" in crash.message
-    forged = layerstore._child_error(3, b'{"error": "SystemExit", "message": "x"}', b"")
+    forged = layerstore._child_error(3, b'{"type": "SystemExit", "message": "x"}', b"")
     assert isinstance(forged, StoreError)  # only imgci's own error classes are rebuilt
 
 
