@@ -1,6 +1,6 @@
 """``python -m imgci._unpack TMP auto|yes|no``: unpack the uncompressed layer tar on stdin into ``TMP/root`` with
 :func:`imgci.layerfs.extract_layer_dir` (the last argument: unprivileged?), in a process of its own, and write its
-index to ``TMP/index.json`` (:meth:`imgci.build.layerindex.LayerIndex.dump`, synced).
+index to ``TMP/index.json`` (:meth:`imgci.build.layerindex.LayerIndex.save`).
 
 The build process uses it for large layers it writes itself (a ``COPY`` of thousands of files): writing the tar
 (reading the sources, tar headers, compression, digests) and unpacking it are both per-file Python work, and in one
@@ -15,7 +15,6 @@ caller with the end of stderr.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -32,10 +31,7 @@ def main(argv: list[str]) -> int:
     builder = LayerIndexBuilder()
     try:
         extract_layer_dir(sys.stdin.buffer, tmp / "root", builder.record, unprivileged=unprivileged)
-        with open(tmp / "index.json", "xb") as f:
-            f.write(builder.finish().dump())
-            f.flush()
-            os.fsync(f.fileno())
+        builder.finish().save(tmp / "index.json")
     except ImgciError as e:
         sys.stdout.buffer.write(json.dumps(e.report()).encode())
         return ERROR_STATUS

@@ -14,6 +14,7 @@ Contract:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,14 @@ class LayerIndex:
             "opaque": self.opaque,
         }
         return json.dumps(doc, separators=(",", ":")).encode()
+
+    def save(self, path: Path) -> None:
+        """Write :meth:`dump` to the new file ``path`` and sync it (it must be on disk before its layer dir is
+        renamed into place)."""
+        with open(path, "xb") as f:
+            f.write(self.dump())
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _record_from_json(e: list[Any]) -> Record:

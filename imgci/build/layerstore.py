@@ -233,17 +233,19 @@ class LayerStore:
 
         self._install(diff_id, self._extract_to_tmp(extract))
 
-    def _extract_to_tmp(self, extract: Callable[[Path, LayerIndexBuilder], None]) -> tuple[Path, LayerIndex]:
+    def _new_tmp(self) -> Path:
+        """A new ``layers/.tmp-<pid>-<random>`` with an empty ``root`` in it (swept once ``<pid>`` is dead)."""
         tmp = self.root / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
         (tmp / "root").mkdir(parents=True)
+        return tmp
+
+    def _extract_to_tmp(self, extract: Callable[[Path, LayerIndexBuilder], None]) -> tuple[Path, LayerIndex]:
+        tmp = self._new_tmp()
         try:
             builder = LayerIndexBuilder()
             extract(tmp, builder)
             index = builder.finish()
-            with open(tmp / "index.json", "xb") as f:
-                f.write(index.dump())
-                f.flush()
-                os.fsync(f.fileno())
+            index.save(tmp / "index.json")
         except BaseException:
             _remove_tree(tmp)
             raise
@@ -330,8 +332,7 @@ class LayerStore:
         import subprocess  # (here: a cached rebuild writes no layer and needs neither)
         import tempfile
 
-        tmp = self.root / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
-        (tmp / "root").mkdir(parents=True)
+        tmp = self._new_tmp()
         proc: subprocess.Popen[bytes] | None = None
         try:
             with tempfile.TemporaryFile() as err:
