@@ -249,17 +249,13 @@ def _warm_up_pushes(outputs: list[Any], tags: list[str], client_factory: Any) ->
     the push would otherwise start with (a cached rebuild that only pushes is mostly that). Best effort: the push
     meets any failure again and reports it."""
     from imgci import reference
+    from imgci.pushhelper import connect
 
-    names = {n for o in outputs if o.type == "image" and o.push for n in [*tags, *o.names]}
-    targets = sorted({(r.registry, r.repository) for r in map(reference.parse, names)})
-    if not targets:
+    pushing = [n for o in outputs if o.type == "image" and o.push for n in [*tags, *o.names]]
+    names = sorted({str(reference.parse(n)) for n in pushing})
+    if not names:
         return None
-
-    def connect() -> None:
-        for registry, repository in targets:
-            client_factory(registry).warm_up(repository, push=True)
-
-    thread = threading.Thread(target=connect, name="imgci-push-warm-up", daemon=True)
+    thread = threading.Thread(target=connect, args=(names, client_factory), name="imgci-push-warm-up", daemon=True)
     thread.start()
     return thread
 

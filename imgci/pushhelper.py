@@ -131,9 +131,7 @@ def _serve(
     from imgci.store import Store
     from imgci.transfer import push_image
 
-    targets = sorted({(r.registry, r.repository) for r in map(reference.parse, names)})
-    for registry, repository in targets:
-        client_factory(registry).warm_up(repository, push=True)
+    connect(names, client_factory)
     pushed: list[dict[str, str]] = []
     error: dict[str, Any] | None = None
     with Store(store_root) as store:  # opened before the build ends; it reads what the build committed by then
@@ -152,6 +150,15 @@ def _serve(
     answer = {"pushed": pushed, "error": error, "seconds": time.monotonic() - started}
     _write_all(answer_fd, json.dumps(answer).encode())
     return 0
+
+
+def connect(names: list[str], client_factory: Callable[[str], Any]) -> None:
+    """Connect, best effort, to every repository ``names`` will be pushed to (see
+    :meth:`imgci.registry.transport.Transport.warm_up`)."""
+    from imgci import reference
+
+    for registry, repository in sorted({(r.registry, r.repository) for r in map(reference.parse, names)}):
+        client_factory(registry).warm_up(repository, push=True)
 
 
 def _rebuild(error: dict[str, Any]) -> ImgciError:
