@@ -20,7 +20,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from typing import Any, Protocol
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.run_layer import BASE, PATH_ENV, ROOT, big_command, cpu_seconds, machine_info
+from tests.infra.process import terminate
 
 __all__ = ["BASE", "PATH_ENV", "ROOT", "cpu_seconds", "machine_info"]
 
@@ -579,12 +579,7 @@ def private_dockerd(work: Path) -> Iterator[Dockerd]:
             time.sleep(0.3)
         yield Dockerd(host, proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, 30)
         log.close()
         rm_tree(work / "docker-data")
         rm_tree(work / "docker-exec")

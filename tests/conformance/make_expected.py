@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from tests.conformance.references import (
     build_case,
     start_session,
 )
+from tests.infra.process import terminate
 
 #: small archives kept as harness fixtures (FROM scratch: no busybox layer, a few KB each)
 FIXTURE_CASES = ("from_scratch",)
@@ -91,12 +91,7 @@ def private_dockerd(workdir: Path, storage_driver: str) -> Iterator[str]:
             time.sleep(0.5)
         yield host
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, 30)
         log.close()
 
 

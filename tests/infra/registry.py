@@ -35,6 +35,7 @@ from typing import Any, Literal
 import requests
 
 from tests.infra import certs
+from tests.infra.process import terminate
 from tests.infra.tokenserver import TokenServer
 
 REGISTRY_BINARY = "docker-registry"
@@ -259,14 +260,8 @@ class RegistryServer:
 
     def _terminate(self, grace: float = 5.0) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=grace)
+        if proc is not None:
+            terminate(proc, grace, after_kill=grace)
 
     def stop(self) -> None:
         """Stop the registry and its token server; idempotent. Removes the directory only if it made its own."""
