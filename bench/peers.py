@@ -379,15 +379,21 @@ class Imgci:
         picked = [n.removeprefix("sandbox: ") for n in notes if n.startswith("sandbox: ")]
         self.sandbox = self.sandbox or "; ".join(picked)
 
-    def build(self, ctx: Path, tag: str, extra: Sequence[str] = ()) -> Run:
+    def _build(self, ctx: Path, *args: str) -> tuple[Run, dict[str, Any]]:
+        """``imgci build ARGS… --metadata-file F CTX``: the run (with its steps run and reused) and the metadata."""
         meta = ctx.parent / f"{ctx.name}.metadata.json"
-        m = self._imgci("build", "-t", tag, "--metadata-file", str(meta), *extra, str(ctx))
+        m = self._imgci("build", *args, "--metadata-file", str(meta), str(ctx))
         run = Run.of(m)
-        if not run.error:
-            cache = json.loads(meta.read_text()).get("imgci.cache") or {}
-            run.executed, run.cached = cache.get("misses"), cache.get("hits")
-            self._note_sandbox(m.stderr)
-        return run
+        if run.error:
+            return run, {}
+        doc = json.loads(meta.read_text())
+        cache = doc.get("imgci.cache") or {}
+        run.executed, run.cached = cache.get("misses"), cache.get("hits")
+        self._note_sandbox(m.stderr)
+        return run, doc
+
+    def build(self, ctx: Path, tag: str, extra: Sequence[str] = ()) -> Run:
+        return self._build(ctx, "-t", tag, *extra)[0]
 
     def push(self, tag: str, dest: str | None = None) -> Run:
         return Run.of(self._imgci("push", tag, *([dest] if dest else [])))
@@ -396,42 +402,34 @@ class Imgci:
         """``imgci build --push -t TAG CTX``: one process builds and pushes, as a CI step runs it. The split comes
         from the metadata file: push = ``imgci.push_duration`` (the seconds its push took), build = the rest of
         the command's wall time (interpreter start included)."""
-        meta = ctx.parent / f"{ctx.name}.metadata.json"
-        m = self._imgci("build", "--push", "-t", tag, "--metadata-file", str(meta), str(ctx))
-        run = Run.of(m)
+        run, doc = self._build(ctx, "--push", "-t", tag)
         if run.error:
             return run, Run(error="not pushed: the build failed")
-        doc = json.loads(meta.read_text())
-        cache = doc.get("imgci.cache") or {}
-        run.executed, run.cached = cache.get("misses"), cache.get("hits")
-        self._note_sandbox(m.stderr)
         return _split(run, float(doc.get("imgci.push_duration", 0.0)))
+
+    def _run(self, config: Path, flag: str) -> tuple[Run, list[dict[str, Any]]]:
+        """``imgci run CONFIG FLAG``: the run (steps run and reused, summed over the entries) and the entries."""
+        meta = config.parent / "imgci-metadata.json"
+        m = self._imgci("run", str(config), flag, "--report", "none", "--metadata-file", str(meta))
+        run = Run.of(m)
+        if run.error:
+            return run, []
+        entries: list[dict[str, Any]] = json.loads(meta.read_text())["entries"]
+        run.executed = sum(e["cache"]["misses"] for e in entries)
+        run.cached = sum(e["cache"]["hits"] for e in entries)
+        self._note_sandbox(m.stderr)
+        return run, entries
 
     def run_matrix(self, config: Path, *, push: bool) -> Run:
         """``imgci run CONFIG`` (every entry of the build.yaml in one process), with ``--push`` or ``--no-push``."""
-        meta = config.parent / "imgci-metadata.json"
-        flag = "--push" if push else "--no-push"
-        m = self._imgci("run", str(config), flag, "--report", "none", "--metadata-file", str(meta))
-        run = Run.of(m)
-        if not run.error:
-            entries = json.loads(meta.read_text())["entries"]
-            run.executed = sum(e["cache"]["misses"] for e in entries)
-            run.cached = sum(e["cache"]["hits"] for e in entries)
-            self._note_sandbox(m.stderr)
-        return run
+        return self._run(config, "--push" if push else "--no-push")[0]
 
     def run_matrix_push(self, config: Path) -> tuple[Run, Run]:
         """``imgci run CONFIG --push``: one process builds every entry and pushes each as soon as it is built. Push
         = the longest entry's push (they overlap each other and the other entries' builds), build = the rest."""
-        meta = config.parent / "imgci-metadata.json"
-        m = self._imgci("run", str(config), "--push", "--report", "none", "--metadata-file", str(meta))
-        run = Run.of(m)
+        run, entries = self._run(config, "--push")
         if run.error:
             return run, Run(error="not pushed: the build failed")
-        entries = json.loads(meta.read_text())["entries"]
-        run.executed = sum(e["cache"]["misses"] for e in entries)
-        run.cached = sum(e["cache"]["hits"] for e in entries)
-        self._note_sandbox(m.stderr)
         return _split(run, max((float(e.get("push_seconds") or 0.0) for e in entries), default=0.0))
 
     def close(self) -> None:
