@@ -9,6 +9,7 @@ and writes config + manifest. Identical steps — in two stages, or two builds o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -280,6 +281,7 @@ class Builder:
         epoch = req.source_date_epoch
         created = _rfc3339(epoch if epoch is not None else time.time())
         scratch = Path(tempfile.mkdtemp(prefix="build-", dir=self._tmp_root()))
+        prestarted = contextlib.ExitStack()
         try:
             ws = S.Workspace(
                 store=self.store,
@@ -298,9 +300,10 @@ class Builder:
             if not keys_only and any(
                 isinstance(instr, RunInstruction) for i in order for instr in dockerfile.stages[i].instructions
             ):
-                from imgci.build.sandbox.launcher import prestart_fork_server
+                from imgci.build.sandbox.launcher import fork_server_prestarted
 
-                prestart_fork_server()  # ~80 ms of interpreter start off the first RUN's path (cold or changed)
+                # ~80 ms of interpreter start off the first RUN's path (cold or changed)
+                prestarted.enter_context(fork_server_prestarted())
             stages: dict[int, _StageInfo] = {}
             count = 0
             for index in order:
@@ -327,6 +330,7 @@ class Builder:
                 )
             cache.ensure(state.layers)  # the image in the store is complete: fetch what cache hits left remote
         finally:
+            prestarted.close()
             shutil.rmtree(scratch, ignore_errors=True)
         context.close()
         key = image_key(state.cache_key, req)

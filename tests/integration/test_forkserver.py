@@ -126,6 +126,47 @@ def test_a_prestarted_server_nobody_used_goes_away_quietly(tmp_path: Path) -> No
     assert err.read_bytes() == b""
 
 
+def test_a_prestarted_server_nobody_took_is_stopped_at_once_and_a_later_spawn_starts_another(
+    server: ForkServer,
+) -> None:
+    """At the end of a build whose RUN steps were all cached: left to notice the closed socket by itself, the
+    still-starting server would hold the build's stderr open for tens of ms after the build exits."""
+    server.prestart()
+    assert server._proc is not None
+    proc = server._proc
+    server.discard_unused()
+    assert proc.poll() == -signal.SIGKILL  # stopped and reaped by discard_unused, not left starting
+    assert server._proc is None
+    child = server.spawn()  # a later RUN: a new server
+    child.stdin.close()
+    assert child.wait(timeout=10) == 1
+    assert server._proc is not None and server._proc.pid != proc.pid
+    server.discard_unused()  # it is in use: kept
+    assert server._proc.poll() is None
+
+
+def test_the_prestarted_server_is_kept_while_another_build_that_prestarted_it_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`imgci run` builds entries in parallel in one process: the first to end must not stop the server the
+    others prestarted."""
+    from imgci.build.sandbox import launcher
+
+    s = ForkServer(_child_env())
+    monkeypatch.setattr(launcher, "_FORK_SERVER", [s])
+    monkeypatch.setattr(launcher, "_PRESTARTS", [0])
+    try:
+        with launcher.fork_server_prestarted():
+            assert s._proc is not None
+            proc = s._proc
+            with launcher.fork_server_prestarted():
+                pass
+            assert proc.poll() is None  # the outer build still runs
+        assert proc.poll() == -signal.SIGKILL
+    finally:
+        s.close()
+
+
 def test_builds_give_the_same_layers_with_and_without_the_fork_server(
     imgci: Imgci, busybox: str, tmp_path: Path
 ) -> None:

@@ -95,6 +95,24 @@ class ForkServer:
             with contextlib.suppress(OSError):
                 self._starting = self._launch()
 
+    def discard_unused(self) -> None:
+        """Stop a prestarted server that no :meth:`spawn` has taken (the build's RUN steps were all cached), at
+        once: it is still starting, and left to notice the closed socket by itself it would keep the build's
+        stderr open, so a caller that reads that to its end (a CI runner) waits ~50 ms more. A later
+        :meth:`spawn` starts a new one."""
+        with self._lock:
+            starting, self._starting = self._starting, None
+            proc = self._proc if starting is not None else None
+            if proc is not None:
+                self._proc = None
+        if starting is not None:
+            starting.close()
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.kill()  # it has not started anything: no child of it runs a step
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+
     def _start(self) -> socket.socket:
         starting, self._starting = self._starting, None
         return self._confirm(starting if starting is not None else self._launch())

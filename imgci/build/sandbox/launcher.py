@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -371,12 +371,29 @@ def _fork_server() -> Any:
         return _FORK_SERVER[0]
 
 
-def prestart_fork_server() -> None:
-    """Start the process's fork server in the background, for a build that has RUN steps (see
-    :meth:`ForkServer.prestart`); nothing when it is disabled."""
+_PRESTARTS = [0]  # builds running that asked for a prestart (under _FORK_SERVER_LOCK)
+
+
+@contextlib.contextmanager
+def fork_server_prestarted() -> Iterator[None]:
+    """For a build that has RUN steps: the process's fork server starts in the background (see
+    :meth:`ForkServer.prestart`), and when the last such build of the process ends without having run a step in
+    it, it is stopped (:meth:`ForkServer.discard_unused`). Nothing when the fork server is disabled."""
     server = _fork_server()
-    if server is not None:
-        server.prestart()
+    if server is None:
+        yield
+        return
+    with _FORK_SERVER_LOCK:
+        _PRESTARTS[0] += 1
+    server.prestart()
+    try:
+        yield
+    finally:
+        with _FORK_SERVER_LOCK:
+            _PRESTARTS[0] -= 1
+            last = _PRESTARTS[0] == 0
+        if last:
+            server.discard_unused()
 
 
 def _disable_fork_server(reason: str) -> None:
