@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
+from imgci.cli import run
 
-from imgci.cli import main
-
-sys.exit(main())
+run()

@@ -9,6 +9,7 @@ needs them, so ``imgci ls`` and ``imgci version`` start fast.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from imgci import __version__
 from imgci.errors import ImgciError, UsageError
@@ -665,5 +666,28 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def run() -> NoReturn:
+    """The entry point of the ``imgci`` console script and ``python -m imgci``: :func:`main`, then the exit.
+
+    Once the command is done, the interpreter's own teardown (destroying every module and object one by one) is
+    ~15 ms of a cached build's ~0.12 s, and has nothing left to do for a process that exits: the exit handlers
+    (logging's flush, temporary directories' finalizers, …) run and stdout/stderr are flushed, then
+    :func:`os._exit`. Where another non-daemon thread still runs, Python's normal exit waits for it instead."""
+    code = main()
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    if others or threading.current_thread() is not threading.main_thread():
+        sys.exit(code)
+    try:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except BrokenPipeError:
+        code = code or 1
+    except BaseException:
+        sys.exit(code)  # the normal exit reports it
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
