@@ -166,8 +166,27 @@ def _default_verify() -> str | bool:
     for var in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
         path = os.environ.get(var)
         if path and os.path.exists(path):
-            return path
+            return _system_dir_for(path)
     return _system_trust()
+
+
+@functools.cache
+def _system_dir_for(path: str) -> str:
+    """``path``, or the system's hashed certificate directory where ``path`` is the system's bundle and that
+    directory holds the same number of CAs (Debian's update-ca-certificates writes both from one list; CI images
+    often point REQUESTS_CA_BUNDLE/SSL_CERT_FILE at that bundle): the same trust, without parsing all of it."""
+    paths = ssl.get_default_verify_paths()
+    system_file, system_dir = paths.openssl_cafile, paths.openssl_capath
+    try:
+        if not (system_file and system_dir and os.path.samefile(path, system_file)):
+            return path
+        with open(path, "rb") as f:
+            in_bundle = f.read().count(b"-----BEGIN CERTIFICATE-----")
+        with os.scandir(system_dir) as entries:
+            in_dir = sum(1 for e in entries if _HASH_NAME.fullmatch(e.name))
+    except OSError:
+        return path
+    return system_dir if in_bundle and in_bundle == in_dir else path
 
 
 @functools.cache

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import socket
 import threading
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -748,3 +750,40 @@ def test_system_trust_prefers_a_hashed_directory(monkeypatch: pytest.MonkeyPatch
         assert transport._system_trust() == str(hashed)  # links: OpenSSL reads only the CA a chain needs
     finally:
         transport._system_trust.cache_clear()
+
+
+def test_the_system_bundle_named_by_the_environment_is_read_from_its_hashed_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """REQUESTS_CA_BUNDLE / SSL_CERT_FILE pointing at the system's own bundle: the same CAs come from the system's
+    hashed directory (nothing parsed up front), but only where that directory holds as many CAs as the bundle."""
+    import ssl
+
+    from imgci.registry import transport
+
+    hashed, bundle, other = tmp_path / "certs", tmp_path / "bundle.pem", tmp_path / "other.pem"
+    hashed.mkdir()
+    pem = "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n"
+    bundle.write_text(pem * 2)
+    other.write_text(pem * 2)
+    paths = ssl.DefaultVerifyPaths("", "", "SSL_CERT_FILE", str(bundle), "SSL_CERT_DIR", str(hashed))
+    monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: paths)
+    for var in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+
+    def verify(path: Path) -> str | bool:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(path))
+        transport._system_dir_for.cache_clear()
+        return transport._default_verify()
+
+    try:
+        (hashed / "5ad8a5d6.0").write_text("x")
+        assert verify(bundle) == str(bundle)  # 2 CAs in the bundle, 1 in the directory: not the same list
+        (hashed / "9d04f354.0").write_text("x")
+        (hashed / "ca-one.pem").write_text("x")  # not a hash link: not counted
+        assert verify(bundle) == str(hashed)
+        assert verify(other) == str(other)  # another bundle is read as it is
+        os.symlink(bundle, tmp_path / "link.pem")
+        assert verify(tmp_path / "link.pem") == str(hashed)  # the same file under another name
+    finally:
+        transport._system_dir_for.cache_clear()
