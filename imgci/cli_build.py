@@ -262,9 +262,7 @@ def _warm_up_pushes(outputs: list[Any], tags: list[str], client_factory: Any) ->
 
 def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
     from imgci import reference
-    from imgci.build.builder import BuildRequest
     from imgci.build.outputs import parse_output
-    from imgci.oci import Platform
 
     context = Path(args.context)
     if not context.is_dir():
@@ -278,7 +276,28 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
         outputs.insert(0, parse_output("type=image"))
     if any(o.type == "image" and o.push for o in outputs) and not tags and not any(o.names for o in outputs):
         raise UsageError("--push needs a name: add -t NAME")
+    # Forked as early as it can be (no thread may run yet): its connecting then overlaps all of the build's own
+    # start (importing the builder is ~30 ms).
+    helper = _push_helper(store, outputs, tags, client_factory)
+    try:
+        return _request_and_run(args, store, client_factory, context, tags, outputs, helper)
+    finally:
+        if helper is not None:
+            helper.close()
+
+
+def _request_and_run(
+    args: argparse.Namespace,
+    store: Any,
+    client_factory: Any,
+    context: Path,
+    tags: list[str],
+    outputs: list[Any],
+    helper: Any,
+) -> int:
+    from imgci.build.builder import BuildRequest
     from imgci.cache.backends import parse_cache_from, parse_cache_to
+    from imgci.oci import Platform
 
     cache_from = [parse_cache_from(s) for s in args.cache_from]
     cache_to = [parse_cache_to(s) for s in args.cache_to]
@@ -315,12 +334,7 @@ def run_build(args: argparse.Namespace, store: Any, client_factory: Any) -> int:
         no_cache_filter=[f for item in args.no_cache_filter for f in item.split(",") if f],
         inline_cache=any(spec.type == "inline" for spec in cache_to),
     )
-    helper = _push_helper(store, outputs, tags, client_factory)  # forked now: no thread may run yet
-    try:
-        return _run_build(args, store, client_factory, request, outputs, tags, cache_from, cache_to, helper)
-    finally:
-        if helper is not None:
-            helper.close()
+    return _run_build(args, store, client_factory, request, outputs, tags, cache_from, cache_to, helper)
 
 
 def _push_helper(store: Any, outputs: list[Any], tags: list[str], client_factory: Any) -> Any:
