@@ -31,6 +31,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,13 @@ class BlobWriter:
             self.abort()
 
 
+def _close_connections(conns: list[sqlite3.Connection]) -> None:
+    for conn in conns:
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+    conns.clear()
+
+
 class Store:
     """The state directory. Thread-safe: each thread gets its own SQLite connection."""
 
@@ -236,6 +244,13 @@ class Store:
         self.blobs_dir = self.root / "blobs"
         self.ingest_dir = self.root / "ingest"
         self._local = threading.local()
+        # Every connection this store opened (one per thread), closed when the store goes away or the process
+        # exits: closing checkpoints the write-ahead log into index.db and removes it. ``imgci`` leaves through
+        # os._exit after the exit handlers (imgci.cli.run), without the interpreter's teardown that used to close
+        # them; threads' own connections are closed there too (hence check_same_thread=False: a connection is
+        # still only used by the thread that opened it).
+        self._conns: list[sqlite3.Connection] = []
+        weakref.finalize(self, _close_connections, self._conns)
         self._lease_id: str | None = None
         self._lease_lock = threading.Lock()
         try:
@@ -253,7 +268,10 @@ class Store:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                conn = sqlite3.connect(self.root / "index.db", timeout=60.0, isolation_level=None)
+                conn = sqlite3.connect(
+                    self.root / "index.db", timeout=60.0, isolation_level=None, check_same_thread=False
+                )
+                self._conns.append(conn)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA busy_timeout=60000")
@@ -356,6 +374,8 @@ class Store:
         if conn is not None:
             conn.close()
             self._local.conn = None
+            with contextlib.suppress(ValueError):
+                self._conns.remove(conn)
 
     def __enter__(self) -> Store:
         return self

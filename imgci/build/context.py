@@ -322,6 +322,11 @@ class BuildContext(DirectoryFS):
         self.ignore = Matcher(patterns, source=self._ignore_name()) or None
         self.hasher = ContentHasher(self, cache_dir)
 
+    def close(self) -> None:
+        if self.hasher.cache is not None:
+            self.hasher.cache.close()  # its write-ahead log goes into the file (imgci leaves through os._exit)
+        super().close()
+
     def _ignore_name(self) -> str:
         return str(self.dockerignore_path) if self.dockerignore_path is not None else ".dockerignore"
 

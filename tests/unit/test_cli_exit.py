@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -53,3 +54,40 @@ def test_a_running_non_daemon_thread_is_waited_for_as_by_a_normal_exit() -> None
     )
     assert done.returncode == 0
     assert done.stdout.rstrip().endswith("thread finished")
+
+
+def test_the_state_index_is_closed_as_by_a_normal_exit(tmp_path: Path) -> None:
+    """Closing the SQLite connections (the main thread's and those other threads opened) checkpoints the
+    write-ahead log into index.db and removes it; a state directory copied after `imgci` exits (a CI cache) is
+    then one file, and a disk that filled up afterwards still makes the next command say so."""
+    state = tmp_path / "state"
+    done = _run(
+        f"""
+        import threading
+        from imgci.store import Store
+        store = Store({str(state)!r})
+        def other():
+            with store.transaction() as db:
+                db.execute("PRAGMA user_version")
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        """,
+        "--state",
+        str(state),
+        "ls",
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in state.glob("index.db*")) == ["index.db"]
+
+
+def test_a_build_leaves_no_write_ahead_log_in_the_state(tmp_path: Path) -> None:
+    """The state index and the context's stat cache (both SQLite) are closed when a build ends."""
+    state, ctx = tmp_path / "state", tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY a /a\n")
+    (ctx / "a").write_text("a\n")
+    done = _run("", "--state", str(state), "build", "-q", "-t", "localhost/x:1", str(ctx))
+    assert done.returncode == 0, done.stderr
+    assert list(state.rglob("*.sqlite")), "the context's stat cache was not used"
+    assert [p for p in state.rglob("*") if p.name.endswith(("-wal", "-shm"))] == []
