@@ -426,13 +426,22 @@ def push_image(
 
     def push_blob_once(desc: Descriptor) -> None:
         key = desc.digest.short
-        if client.blob_exists(repo, desc.digest, push=True) is not None:
+
+        def exists() -> bool:
+            if client.blob_exists(repo, desc.digest, push=True) is None:
+                return False
             with lock:
                 counts.skipped += 1
             report("exists", key, f"{key}: layer already exists", digest=desc.digest.value, total=desc.size)
+            return True
+
+        # A repository known to hold the blob: mounting it at once is one request where asking first whether the
+        # destination has it is two (a registry mounts a blob the destination already holds just the same).
+        known = sources.get(desc.digest, [])
+        if not known and exists():
             return
         location: str | None = None
-        for source in [*sources.get(desc.digest, []), *sources.get(_ANY, [])]:
+        for source in [*known, *sources.get(_ANY, [])]:
             try:
                 mounted = client.mount_blob(repo, desc.digest, source)
             except RegistryError as e:
@@ -445,6 +454,8 @@ def push_image(
                 report("mounted", key, f"{key}: mounted from {source}", digest=desc.digest.value, total=desc.size)
                 return
             location = mounted.location or location
+        if known and exists():
+            return  # not mounted, but there already (the upload the registry opened for it expires unused)
         on_bytes = report.bytes_fn("uploading", "pushing", desc)
         on_bytes(0)
         client.upload_blob(repo, desc, lambda: store.open_blob(desc.digest), progress=on_bytes, location=location)

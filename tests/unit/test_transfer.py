@@ -170,6 +170,42 @@ def test_mount_from_hint_and_from_local_refs(store: Store) -> None:
     assert ("mount_blob", "team/b", store.get_ref("localhost/app:1").digest.value, "base/img") not in reg.calls
 
 
+def test_a_blob_with_a_known_source_is_mounted_without_asking_first(store: Store) -> None:
+    """One request per blob (the mount) where a local ref says which repository holds it; a hint, which may not
+    hold it, is still tried only after the destination was asked."""
+    reg = MemoryRegistry()
+    make_image(store, "localhost/app:1", [b"shared-layer"])
+    push_image(store, "localhost/app:1", parse(f"{REG}/base/img:1"), client_factory=lambda r: reg)
+    pull_image(store, parse(f"{REG}/base/img:1"), client_factory=lambda r: reg)
+    reg.calls.clear()
+    result = push_image(store, "localhost/app:1", parse(f"{REG}/team/b:1"), client_factory=lambda r: reg)
+    assert (result.mounted_blobs, result.uploaded_blobs, result.skipped_blobs) == (2, 0, 0)
+    assert sorted(c[0] for c in reg.calls) == ["head_manifest", "mount_blob", "mount_blob", "put_manifest"]
+    reg.calls.clear()
+    hinted = push_image(
+        store, "localhost/app:1", parse(f"{REG}/team/c:1"), client_factory=lambda r: reg, mount_from=[f"{REG}/x/y"]
+    )
+    assert hinted.mounted_blobs == 2
+    assert [c[0] for c in reg.calls].count("blob_exists") == 0  # base/img is known: x/y is never needed
+
+
+def test_a_declined_mount_of_a_blob_the_destination_has_uploads_nothing(store: Store) -> None:
+    reg = MemoryRegistry()
+    make_image(store, "localhost/app:1", [b"layer"])
+    push_image(store, "localhost/app:1", parse(f"{REG}/base/img:1"), client_factory=lambda r: reg)
+    push_image(store, "localhost/app:1", parse(f"{REG}/team/d:1"), client_factory=lambda r: reg)
+    pull_image(store, parse(f"{REG}/base/img:1"), client_factory=lambda r: reg)
+    reg.blobs["base/img"].clear()  # the source lost them (garbage-collected): the mounts are declined
+    reg.calls.clear()
+    result = push_image(store, "localhost/app:1", parse(f"{REG}/team/d:2"), client_factory=lambda r: reg)
+    assert (result.uploaded_blobs, result.skipped_blobs, result.mounted_blobs) == (0, 2, 0)
+    assert sorted(c[0] for c in reg.calls if c[0] != "head_manifest") == [
+        *["blob_exists"] * 2,
+        *["mount_blob"] * 2,
+        "put_manifest",
+    ]
+
+
 def test_refused_mount_falls_back_to_upload(store: Store) -> None:
     reg = MemoryRegistry()
     reg.deny_mount_from = {"secret/base"}
