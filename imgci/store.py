@@ -229,6 +229,11 @@ class BlobWriter:
             self.abort()
 
 
+# Registries refuse manifests and indexes over 4 MiB (distribution's default limit); what gc walks may also have
+# come from an archive, hence the margin. A bigger blob is a layer.
+_MAX_DOCUMENT = 64 << 20
+
+
 def _close_connections(conns: list[sqlite3.Connection]) -> None:
     for conn in conns:
         with contextlib.suppress(sqlite3.Error):
@@ -492,12 +497,16 @@ class Store:
         return ImageConfig.parse(self.read_blob(digest))
 
     def children(self, digest: Digest) -> list[Digest]:
-        """Blobs a manifest/index blob references (empty for anything else or when unreadable)."""
+        """Blobs a manifest/index blob references (empty for anything else or when unreadable). Only a blob that
+        starts like a JSON object and is no bigger than a manifest may be is read whole: a layer is not (gc and
+        push walk every image's blobs; reading its layers too was most of their time)."""
         try:
-            raw = self.read_blob(digest)
-        except BlobNotFoundError:
-            return []
-        if raw.lstrip()[:1] != b"{":
+            with self.open_blob(digest) as f:
+                if os.fstat(f.fileno()).st_size > _MAX_DOCUMENT or f.read(64).lstrip()[:1] != b"{":
+                    return []
+                f.seek(0)
+                raw = f.read()
+        except (BlobNotFoundError, OSError):
             return []
         try:
             doc: Any = json.loads(raw)

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,6 +106,45 @@ def test_gc_keeps_what_refs_reach_and_removes_the_rest(tmp_path: Path) -> None:
     assert store.has_blob(kept.digest)
     assert not store.has_blob(dropped.digest)
     assert store.fsck() == []
+
+
+def test_children_reads_a_layer_no_further_than_its_first_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc and push walk every image's blobs for the manifests among them: reading each layer whole to find it is
+    not one was most of their time (a 200 MiB layer: 200 MiB read)."""
+    store = Store(tmp_path)
+    manifest = _image(store, b"\x1f\x8b" + os.urandom(1 << 20))  # gzip's magic, then anything
+    parsed = Manifest.parse(store.read_blob(manifest.digest))
+    layer = parsed.layers[0]
+    read: list[int] = []
+    real_open = store.open_blob
+
+    class Counting:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def __enter__(self) -> Counting:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.f, name)
+
+        def read(self, n: int = -1) -> bytes:
+            data = self.f.read(n)
+            read.append(len(data))
+            return data
+
+    monkeypatch.setattr(store, "open_blob", lambda d: Counting(real_open(d)))
+    assert store.children(layer.digest) == []
+    assert sum(read) <= 64
+    read.clear()
+    assert store.children(manifest.digest) == [parsed.config.digest, layer.digest]
+    assert sum(read) >= manifest.size
+    assert store.reachable({manifest.digest}) == {manifest.digest, parsed.config.digest, layer.digest}
 
 
 def test_gc_respects_another_live_process_lease(tmp_path: Path) -> None:
