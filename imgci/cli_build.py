@@ -333,6 +333,7 @@ def _request_and_run(
         no_cache=args.no_cache,
         no_cache_filter=[f for item in args.no_cache_filter for f in item.split(",") if f],
         inline_cache=any(spec.type == "inline" for spec in cache_to),
+        on_image_blob=helper.announce if helper is not None else None,  # pushed while later steps run
     )
     return _run_build(args, store, client_factory, request, outputs, tags, cache_from, cache_to, helper)
 

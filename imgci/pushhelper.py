@@ -8,7 +8,9 @@ while the build runs, and the build process never imports the HTTP stack at all 
 Contract:
 - :meth:`PushHelper.start` forks, only from a process that has no other thread (else it returns None and the
   caller pushes in-process). The child connects to every registry it will push to (best effort, see
-  :meth:`imgci.registry.transport.Transport.warm_up`), then waits for one request on a pipe.
+  :meth:`imgci.registry.transport.Transport.warm_up`), then reads requests, JSON lines on a pipe.
+- :meth:`PushHelper.announce` (during the build) passes a blob of the image that is in the store now; the child
+  pushes it to every destination at once (:class:`imgci.transfer.PrePush`), while the build goes on.
 - :meth:`PushHelper.push` sends the request — the local image names to push (each is also its destination) — and
   waits for the answer. The child opens the state directory itself (never the parent's SQLite connection), pushes
   the names in order with :func:`imgci.transfer.push_image` and answers each name's digest, stopping at the first
@@ -28,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,17 @@ class PushHelper:
         os.close(answer_w)
         return cls(pid, request_w, answer_r)
 
+    def announce(self, descriptor: Any) -> None:
+        """A blob of the image to be pushed, in the store now (a layer the build just wrote, or one its image
+        starts from): the helper pushes it to every destination right away (see :class:`imgci.transfer.PrePush`).
+        Best effort: a helper that is gone says so at :meth:`push`."""
+        if self._done:
+            return
+        message = {"blob": {"mediaType": descriptor.media_type, "digest": descriptor.digest.value}}
+        message["blob"]["size"] = descriptor.size
+        with contextlib.suppress(OSError):
+            _write_all(self._request_fd, json.dumps(message).encode() + b"\n")
+
     def push(self, names: list[str]) -> tuple[dict[str, str], float]:
         """Push ``names`` (local image names, each its own destination) in the helper: {name: digest} and the
         seconds the pushes took there. Raises the first error, as the same imgci error class."""
@@ -84,7 +97,7 @@ class PushHelper:
             raise RuntimeError("the push helper has pushed already")
         self._done = True
         try:
-            _write_all(self._request_fd, json.dumps({"push": names}).encode())
+            _write_all(self._request_fd, json.dumps({"push": names}).encode() + b"\n")
         except OSError:
             pass  # the helper is gone: its (missing) answer says so below
         os.close(self._request_fd)
@@ -128,28 +141,57 @@ def _serve(
     if os.getppid() == 1:
         return 0  # the parent died before prctl
     from imgci import reference
+    from imgci.oci import Descriptor, Digest
     from imgci.store import Store
-    from imgci.transfer import push_image
+    from imgci.transfer import PrePush, push_image
 
     connect(names, client_factory)
     pushed: list[dict[str, str]] = []
     error: dict[str, Any] | None = None
+    ahead: dict[str, PrePush] = {}  # destination name -> its blobs pushed ahead (made at the first blob)
+    wanted: list[str] | None = None
     with Store(store_root) as store:  # opened before the build ends; it reads what the build committed by then
-        request = _read_all(request_fd)
-        if not request:
-            return 0  # no push: the build failed or needs none
-        wanted = json.loads(request)["push"]
-        started = time.monotonic()
-        for name in wanted:
-            try:
-                result = push_image(store, name, reference.parse(name), client_factory=client_factory)
-            except ImgciError as e:
-                error = e.report()
-                break
-            pushed.append({"name": name, "digest": result.digest.value})
+        try:
+            for message in _messages(request_fd):
+                if "push" in message:
+                    wanted = message["push"]
+                    break
+                blob = message["blob"]
+                desc = Descriptor(blob["mediaType"], Digest(blob["digest"]), int(blob["size"]))
+                for name in names:
+                    if name not in ahead:
+                        ahead[name] = PrePush(store, reference.parse(name), client_factory=client_factory)
+                    ahead[name].add(desc)
+            if wanted is None:
+                return 0  # no push: the build failed or needs none
+            started = time.monotonic()
+            for name in wanted:
+                try:
+                    ref = reference.parse(name)
+                    result = push_image(store, name, ref, client_factory=client_factory, prepush=ahead.pop(name, None))
+                except ImgciError as e:
+                    error = e.report()
+                    break
+                pushed.append({"name": name, "digest": result.digest.value})
+        finally:
+            for prepush in ahead.values():
+                prepush.close()
     answer = {"pushed": pushed, "error": error, "seconds": time.monotonic() - started}
     _write_all(answer_fd, json.dumps(answer).encode())
     return 0
+
+
+def _messages(fd: int) -> Iterator[dict[str, Any]]:
+    """The JSON lines the parent writes on the request pipe, until it closes it."""
+    pending = b""
+    while chunk := os.read(fd, 1 << 16):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield json.loads(line)
+    if pending.strip():
+        yield json.loads(pending)
 
 
 def connect(names: list[str], client_factory: Callable[[str], Any]) -> None:

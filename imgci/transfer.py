@@ -15,6 +15,9 @@ Contract (push):
   with HEAD; a missing one is mounted from another repository of the same registry when one is known to hold it
   (``mount_from`` hints, plus local images pulled from that registry), else uploaded; blobs go in parallel.
   Manifests go last: an index's children by digest, then the top document by tag (or by digest).
+  A blob whose source repository is known is mounted without asking first (the destination is asked if the
+  mount is declined). Blobs can also go ahead of the push (:class:`PrePush`: ``build --push`` sends each layer
+  as the build makes it); the push then waits for those and does not ask for them again.
 
 Progress goes to an optional callback as :class:`TransferEvent` objects (possibly from worker threads); this
 module never prints.
@@ -386,6 +389,109 @@ def _upload_lock(registry: str, digest: Digest) -> threading.Lock:
         return _UPLOADS.setdefault((registry, digest.value), threading.Lock())
 
 
+class _BlobPusher:
+    """Puts blobs of the local store into one repository: each is found there (HEAD), mounted from another
+    repository of the registry known to hold it, or uploaded; counted in ``counts``. Thread-safe."""
+
+    def __init__(
+        self,
+        store: Store,
+        client: RegistryClient,
+        registry: str,
+        repository: str,
+        mount_from: Iterable[str],
+        report: _Reporter,
+    ) -> None:
+        self.store, self.client, self.registry, self.repo, self.report = store, client, registry, repository, report
+        self.sources = _mount_sources(store, registry, repository, mount_from)
+        self.counts = _PushCounts()
+        self._lock = threading.Lock()
+
+    def push(self, desc: Descriptor) -> None:
+        with _upload_lock(self.registry, desc.digest):
+            self._push_once(desc)
+
+    def _exists(self, desc: Descriptor) -> bool:
+        if self.client.blob_exists(self.repo, desc.digest, push=True) is None:
+            return False
+        with self._lock:
+            self.counts.skipped += 1
+        key = desc.digest.short
+        self.report("exists", key, f"{key}: layer already exists", digest=desc.digest.value, total=desc.size)
+        return True
+
+    def _push_once(self, desc: Descriptor) -> None:
+        key = desc.digest.short
+        # A repository known to hold the blob: mounting it at once is one request where asking first whether the
+        # destination has it is two (a registry mounts a blob the destination already holds just the same).
+        known = self.sources.get(desc.digest, [])
+        if not known and self._exists(desc):
+            return
+        location: str | None = None
+        for source in [*known, *self.sources.get(_ANY, [])]:
+            try:
+                mounted = self.client.mount_blob(self.repo, desc.digest, source)
+            except RegistryError as e:
+                if e.temporary:
+                    raise
+                continue  # e.g. no pull access to the source repository: upload instead, as docker does
+            if mounted.mounted:
+                with self._lock:
+                    self.counts.mounted += 1
+                self.report("mounted", key, f"{key}: mounted from {source}", digest=desc.digest.value, total=desc.size)
+                return
+            location = mounted.location or location
+        if known and self._exists(desc):
+            return  # not mounted, but there already (the upload the registry opened for it expires unused)
+        on_bytes = self.report.bytes_fn("uploading", "pushing", desc)
+        on_bytes(0)
+        self.client.upload_blob(
+            self.repo, desc, lambda: self.store.open_blob(desc.digest), progress=on_bytes, location=location
+        )
+        with self._lock:
+            self.counts.uploaded += 1
+            self.counts.uploaded_bytes += desc.size
+        self.report("uploaded", key, f"{key}: pushed", digest=desc.digest.value, current=desc.size, total=desc.size)
+
+
+class PrePush:
+    """The blobs of an image bound for ``dest_ref`` pushed ahead of its manifest, each as soon as it is known:
+    ``build --push`` hands over each layer of the image once the build has it, while later steps still run.
+    :func:`push_image` with ``prepush=`` waits for them, raises their first error, and does not ask for them
+    again. Blobs go ``max_workers`` at a time, in the order they came."""
+
+    def __init__(
+        self,
+        store: Store,
+        dest_ref: Reference,
+        *,
+        client_factory: ClientFactory,
+        mount_from: Iterable[str] = (),
+        max_workers: int = DEFAULT_WORKERS,
+    ) -> None:
+        self.dest_ref = dest_ref
+        client = client_factory(dest_ref.registry)
+        self.pusher = _BlobPusher(store, client, dest_ref.registry, dest_ref.repository, mount_from, _Reporter(None))
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="imgci-prepush")
+        self._futures: dict[Digest, Future[None]] = {}
+
+    def add(self, desc: Descriptor) -> None:
+        if desc.digest not in self._futures:
+            ctx = contextvars.copy_context()
+            self._futures[desc.digest] = self._pool.submit(ctx.run, self.pusher.push, desc)
+
+    def wait(self) -> set[Digest]:
+        """The digests now in the repository (``pusher.counts`` says how they got there); the first failure is
+        raised."""
+        self._pool.shutdown(wait=True)
+        for future in self._futures.values():
+            future.result()
+        return set(self._futures)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def push_image(
     store: Store,
     local_name: str,
@@ -395,8 +501,10 @@ def push_image(
     progress: ProgressFn | None = None,
     mount_from: Iterable[str] = (),
     max_workers: int = DEFAULT_WORKERS,
+    prepush: PrePush | None = None,
 ) -> PushResult:
-    """Push the local image ``local_name`` to ``dest_ref``; see the module contract."""
+    """Push the local image ``local_name`` to ``dest_ref``; see the module contract. ``prepush``: blobs of it
+    already on their way there (see :class:`PrePush`)."""
     report = _Reporter(progress)
     rec = store.get_ref(local_name)
     top_raw, top_type, children = _local_documents(store, rec.digest, rec.media_type)
@@ -407,7 +515,7 @@ def push_image(
             raise BlobNotFoundError(f"blob {desc.digest} of {local_name} is not in the local store")
     client = client_factory(dest_ref.registry)
     repo = dest_ref.repository
-    if dest_ref.tag is not None:
+    if dest_ref.tag is not None and prepush is None:
         # The tag already names this very manifest (a re-push, a warm CI run): the registry accepted it only with
         # every blob present, so one HEAD replaces a HEAD per blob and the manifest PUT.
         there = client.head_manifest(dest_ref, push=True)
@@ -416,55 +524,17 @@ def push_image(
                 "done", str(dest_ref), f"{dest_ref.tag}: digest: {rec.digest} (already there)", digest=rec.digest.value
             )
             return PushResult(dest_ref, rec.digest, top_type, 0, 0, len(blobs), 0)
-    sources = _mount_sources(store, dest_ref.registry, repo, mount_from)
-    counts = _PushCounts()
-    lock = threading.Lock()
-
-    def push_blob(desc: Descriptor) -> None:
-        with _upload_lock(dest_ref.registry, desc.digest):
-            push_blob_once(desc)
-
-    def push_blob_once(desc: Descriptor) -> None:
-        key = desc.digest.short
-
-        def exists() -> bool:
-            if client.blob_exists(repo, desc.digest, push=True) is None:
-                return False
-            with lock:
-                counts.skipped += 1
-            report("exists", key, f"{key}: layer already exists", digest=desc.digest.value, total=desc.size)
-            return True
-
-        # A repository known to hold the blob: mounting it at once is one request where asking first whether the
-        # destination has it is two (a registry mounts a blob the destination already holds just the same).
-        known = sources.get(desc.digest, [])
-        if not known and exists():
-            return
-        location: str | None = None
-        for source in [*known, *sources.get(_ANY, [])]:
-            try:
-                mounted = client.mount_blob(repo, desc.digest, source)
-            except RegistryError as e:
-                if e.temporary:
-                    raise
-                continue  # e.g. no pull access to the source repository: upload instead, as docker does
-            if mounted.mounted:
-                with lock:
-                    counts.mounted += 1
-                report("mounted", key, f"{key}: mounted from {source}", digest=desc.digest.value, total=desc.size)
-                return
-            location = mounted.location or location
-        if known and exists():
-            return  # not mounted, but there already (the upload the registry opened for it expires unused)
-        on_bytes = report.bytes_fn("uploading", "pushing", desc)
-        on_bytes(0)
-        client.upload_blob(repo, desc, lambda: store.open_blob(desc.digest), progress=on_bytes, location=location)
-        with lock:
-            counts.uploaded += 1
-            counts.uploaded_bytes += desc.size
-        report("uploaded", key, f"{key}: pushed", digest=desc.digest.value, current=desc.size, total=desc.size)
-
-    _parallel(blobs, push_blob, max_workers)
+    if prepush is not None:
+        if prepush.dest_ref.registry != dest_ref.registry or prepush.dest_ref.repository != repo:
+            raise ValueError(f"blobs were pushed ahead to {prepush.dest_ref}, not to {dest_ref}")
+        there_already = prepush.wait()
+        blobs = [b for b in blobs if b.digest not in there_already]
+        pusher = prepush.pusher  # its counts include the blobs it pushed
+        pusher.report = report
+    else:
+        pusher = _BlobPusher(store, client, dest_ref.registry, repo, mount_from, report)
+    counts = pusher.counts
+    _parallel(blobs, pusher.push, max_workers)
     for child, raw in children:
         client.put_manifest(repo, child.digest.value, raw, child.media_type)
         report("manifest", child.digest.short, f"{child.digest.short}: pushed manifest", digest=child.digest.value)

@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +96,9 @@ class BuildRequest:
     inline_cache: bool = False  # --cache-to type=inline: the final chain's cache records in the image config
     label: str = ""  # names this build in the solver's events (a matrix entry), see Solver.solve
     record_key: bool = False  # put the image key in the config's labels (IMAGE_KEY_LABEL)
+    # Called with each blob of the image being built once it is in the store, from the first layer a step writes
+    # on (not for a build whose steps were all cached): `build --push` pushes them while later steps run.
+    on_image_blob: Callable[[Descriptor], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,46 @@ class BuildResult:
     duration: float
     cache: Any = None  # imgci.cache.manager.BuildCache of this build
     image_key: str = ""  # see image_key()
+
+
+def _announce_image_blobs(last: Vertex, store: Store, announce: Callable[[Descriptor], None]) -> None:
+    """Make the vertices of the image's own chain (the target stage, and the stages it is FROM) hand each layer of
+    their result to ``announce`` — once a step of that chain has written a layer; until then (a build that turns
+    out fully cached pushes nothing new) the layers seen are kept back. A layer whose blob a cache hit left
+    remote is not announced (the push fetches and pushes it as before)."""
+    lock = threading.Lock()
+    sent: set[Digest] = set()
+    kept: list[Descriptor] = []
+    live = [False]
+
+    def saw(state: ImageState, parent: Any, cached: bool) -> None:
+        with lock:
+            if not cached and isinstance(parent, ImageState) and len(state.layers) > len(parent.layers):
+                live[0] = True
+            for layer in state.layers:
+                if layer.descriptor.digest not in sent:
+                    sent.add(layer.descriptor.digest)
+                    kept.append(layer.descriptor)
+            if not live[0]:
+                return
+            ready = [d for d in kept if store.has_blob(d.digest)]
+            kept.clear()
+            for descriptor in ready:
+                announce(descriptor)
+
+    def wrap(run: Callable[[RunContext, list[Any]], Any]) -> Callable[[RunContext, list[Any]], Any]:
+        def announcing(ctx: RunContext, inputs: list[Any]) -> Any:
+            result = run(ctx, inputs)
+            if isinstance(result, ImageState):
+                saw(result, inputs[0] if inputs else None, ctx.cached)
+            return result
+
+        return announcing
+
+    vertex: Vertex | None = last
+    while vertex is not None:
+        vertex.run = wrap(vertex.run)
+        vertex = vertex.inputs[0] if vertex.inputs else None
 
 
 def image_key(final_step_key: str, req: BuildRequest) -> str:
@@ -312,6 +356,8 @@ class Builder:
                 )
                 count += n
             final_info = stages[order[-1]]
+            if req.on_image_blob is not None and not keys_only:
+                _announce_image_blobs(final_info.vertex, self.store, req.on_image_blob)
             state: ImageState = self.solver.solve([final_info.vertex], label=req.label)[0]
             if keys_only:
                 names = [dockerfile.stages[i].display_name for i in order]

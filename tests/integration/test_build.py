@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -13,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from imgci.oci import Manifest
+from imgci.store import Store
 from tests.conftest import Imgci
+from tests.infra.faultproxy import FaultProxy, delay
 from tests.infra.registry import RegistryServer
 
 
@@ -190,6 +194,54 @@ def test_build_push_from_the_helper_process_or_in_process(
     assert f"Digest: {doc['containerimage.digest']}" in fresh.run("pull", name).stdout
     again = imgci.run("build", "--push", "-t", name, str(ctx))  # warm: the tag names this digest already
     assert again.returncode == 0
+
+
+def test_build_push_sends_the_image_layers_while_later_steps_run(
+    imgci: Imgci, busybox: str, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """Each layer of the image goes to the registry once the build has it (a later RUN still running), each
+    blob once; an intermediate stage's layer never; a build that turned out cached sends no blob at all."""
+    imgci.env["SOURCE_DATE_EPOCH"] = "0"  # the same layers when built again
+    ctx = _context(
+        tmp_path,
+        f"""
+        FROM {busybox} AS side
+        RUN echo side > /side
+        FROM {busybox}
+        COPY --from=side /side /side
+        COPY f /f
+        RUN sleep 2 && cat /f > /g
+        """,
+        {"f": "x"},
+    )
+    first = f"{proxy.host}/eager/a:1"
+    imgci.run("build", "--push", "-t", first, str(ctx))
+    store = Store(imgci.state)
+    manifest = Manifest.parse(store.read_blob(store.get_ref(first).digest))
+    image_blobs = [manifest.config.digest, *(d.digest for d in manifest.layers)]
+    uploaded = [r.path for r in proxy.requests if r.method == "PUT" and "/blobs/uploads/" in r.path]
+    assert sorted(re.search(r"digest=sha256(?::|%3A)(\w+)", p).group(1) for p in uploaded) == sorted(  # type: ignore[union-attr]
+        d.hex for d in image_blobs
+    )  # each of the image's blobs once, and nothing else (not the side stage's layer)
+    assert proxy.count("HEAD", r"/blobs/") <= len(image_blobs)
+
+    before = len(proxy.requests)
+    imgci.run("build", "--push", "-t", first, str(ctx))  # all cached: the tag names this image already
+    after = [(r.method, r.path) for r in proxy.requests[before:]]
+    assert ("HEAD", "/v2/eager/a/manifests/1") in after
+    assert [r for r in after if "/blobs/" in r[1]] == []
+
+    # Again without the cache, to another repository: the COPY f layer is mounted from eager/a — that mount
+    # answers after 1.5 s, and still the push after the build is short: it went during the 2 s RUN.
+    copy_f = manifest.layers[-2].digest
+    proxy.add_fault("POST", rf"/v2/eager/b/blobs/uploads/\?mount=sha256(:|%3A){copy_f.hex}", action=delay(1.5))
+    meta = tmp_path / "meta.json"
+    second = f"{proxy.host}/eager/b:1"
+    imgci.run("build", "--no-cache", "--push", "-t", second, "--metadata-file", str(meta), str(ctx))
+    doc = json.loads(meta.read_text())
+    assert doc["containerimage.digest"] == store.get_ref(first).digest.value  # the same image
+    assert proxy.count("POST", rf"/v2/eager/b/blobs/uploads/\?mount=sha256(:|%3A){copy_f.hex}") == 1
+    assert doc["imgci.push_duration"] < 1.0, doc
 
 
 def test_dockerfile_from_stdin_and_elsewhere_and_dockerignore(imgci: Imgci, busybox: str, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from imgci.oci import (
 from imgci.reference import Reference, parse
 from imgci.registry.client import FetchedManifest, MountResult
 from imgci.store import Store
-from imgci.transfer import TransferEvent, pull_image, push_image
+from imgci.transfer import PrePush, TransferEvent, pull_image, push_image
 
 REG = "reg.test:5000"
 
@@ -204,6 +204,40 @@ def test_a_declined_mount_of_a_blob_the_destination_has_uploads_nothing(store: S
         *["mount_blob"] * 2,
         "put_manifest",
     ]
+
+
+def test_blobs_pushed_ahead_are_not_asked_for_again(store: Store) -> None:
+    """`build --push` hands each layer to a PrePush while the build runs; the final push waits for them and
+    only does the rest (the config, the manifest)."""
+    reg = MemoryRegistry()
+    m = make_image(store, "localhost/app:1", [b"layer-one", b"layer-two"])
+    dest = parse(f"{REG}/team/app:v1")
+    ahead = PrePush(store, dest, client_factory=lambda r: reg)
+    for layer in m.layers:
+        ahead.add(layer)
+    ahead.add(m.layers[0])  # twice: once
+    result = push_image(store, "localhost/app:1", dest, client_factory=lambda r: reg, prepush=ahead)
+    assert (result.uploaded_blobs, result.skipped_blobs, result.mounted_blobs) == (3, 0, 0)
+    assert result.uploaded_bytes == m.config.size + sum(x.size for x in m.layers)
+    uploads = [c[2] for c in reg.calls if c[0] == "upload_blob"]
+    assert sorted(uploads) == sorted(d.digest.value for d in (m.config, *m.layers))  # each once
+    heads = [c[2] for c in reg.calls if c[0] == "blob_exists"]
+    assert sorted(heads) == sorted(uploads)  # one HEAD each: none again at the end
+    assert reg.calls[-1] == ("put_manifest", "team/app", "v1")
+    assert reg.repo_blobs("team/app")[m.layers[1].digest] == b"layer-two"
+
+
+def test_a_blob_pushed_ahead_that_failed_fails_the_push(store: Store) -> None:
+    reg = MemoryRegistry()
+    m = make_image(store, "localhost/app:1", [b"layer"])
+    dest = parse(f"{REG}/team/app:v1")
+    ahead = PrePush(store, dest, client_factory=lambda r: reg)
+    missing = Descriptor(OCI_LAYER_GZIP, Digest.of(b"not in the store"), 16)
+    ahead.add(missing)
+    with pytest.raises(BlobNotFoundError):
+        push_image(store, "localhost/app:1", dest, client_factory=lambda r: reg, prepush=ahead)
+    assert not any(c[0] == "put_manifest" for c in reg.calls)
+    assert m.layers[0].digest not in reg.repo_blobs("team/app")
 
 
 def test_refused_mount_falls_back_to_upload(store: Store) -> None:
