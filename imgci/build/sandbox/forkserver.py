@@ -29,6 +29,8 @@ import sys
 import threading
 from typing import IO, Any
 
+from imgci.build.sandbox import child_python
+
 _MAX_FDS = 8
 _MSG = 65536
 
@@ -121,7 +123,7 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "imgci._sandbox", "--fork-server", str(theirs.fileno())],
+                [*child_python(), "imgci._sandbox", "--fork-server", str(theirs.fileno())],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=None,

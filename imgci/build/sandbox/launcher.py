@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
+from imgci.build.sandbox import child_python
 from imgci.build.sandbox.spec import ChildSpec, IdKind, LayerRef, MountSpec, ProcessSpec
 from imgci.errors import BuildError
 from imgci.oci import Digest
@@ -257,7 +258,7 @@ class Sandbox:
             except ForkServerError as e:
                 _disable_fork_server(str(e))
         proc = subprocess.Popen(
-            [sys.executable, "-m", "imgci._sandbox"],
+            [*child_python(), "imgci._sandbox"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -346,10 +347,12 @@ def _kill(proc: Any) -> None:
 
 
 def _child_env() -> dict[str, str]:
+    """The sandbox interpreters' environment (see :func:`imgci.build.sandbox.child_python`)."""
+    root = str(Path(__file__).resolve().parents[3])  # the directory holding the imgci package
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "LANG": "C.UTF-8",
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "PYTHONPATH": os.pathsep.join([root, *(p for p in sys.path if p and p != root)]),
     }
 
 
