@@ -527,10 +527,12 @@ def push_image(
     if prepush is not None:
         if prepush.dest_ref.registry != dest_ref.registry or prepush.dest_ref.repository != repo:
             raise ValueError(f"blobs were pushed ahead to {prepush.dest_ref}, not to {dest_ref}")
-        there_already = prepush.wait()
-        blobs = [b for b in blobs if b.digest not in there_already]
         pusher = prepush.pusher  # its counts include the blobs it pushed
         pusher.report = report
+        for desc in blobs:  # the rest (the config, the last layers) go along with those still on their way
+            prepush.add(desc)
+        prepush.wait()
+        blobs = []
     else:
         pusher = _BlobPusher(store, client, dest_ref.registry, repo, mount_from, report)
     counts = pusher.counts
