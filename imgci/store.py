@@ -29,6 +29,7 @@ import json
 import os
 import secrets
 import sqlite3
+import stat
 import threading
 import time
 import weakref
@@ -400,10 +401,29 @@ class Store:
 
         Use this instead of ``has_blob`` when deciding to skip writing a blob a new ref will need.
         """
+        return self.claim_all([digest])
+
+    def claim_all(self, digests: list[Digest]) -> bool:
+        """:meth:`claim` for every blob of ``digests`` in one lock and one transaction (a cache lookup claims the
+        layers of each cached step): True if all are present, and then all are protected."""
         with self.writer_lock():
-            if not self.has_blob(digest):
-                return False
-            self._record_blob(digest, self.blob_path(digest).stat().st_size)
+            sizes = []
+            for digest in digests:
+                try:
+                    st = self.blob_path(digest).stat()
+                except (FileNotFoundError, NotADirectoryError):
+                    return False
+                if not stat.S_ISREG(st.st_mode):
+                    return False
+                sizes.append(st.st_size)
+            if not digests:
+                return True
+            lease = self._lease()
+            now = time.time()
+            with self.transaction() as db:
+                for digest, size in zip(digests, sizes, strict=True):
+                    db.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (digest.value, size, now))
+                    db.execute("INSERT OR IGNORE INTO lease_blobs VALUES (?, ?)", (lease, digest.value))
             return True
 
     def blob_size(self, digest: Digest) -> int:

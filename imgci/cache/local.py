@@ -34,7 +34,7 @@ class LocalCache:
             return None
         # Claim (present *and* leased), not just look: a gc of `imgci prune --all` between a look and the claim
         # would take a blob this build is about to use (the record is dropped first, so nothing else keeps it).
-        if not all(self.store.claim(d.digest) for d, _ in record.layers):
+        if not self.store.claim_all([d.digest for d, _ in record.layers]):
             return None
         try:
             with self.store.transaction() as db:

@@ -147,6 +147,24 @@ def test_children_reads_a_layer_no_further_than_its_first_bytes(
     assert store.reachable({manifest.digest}) == {manifest.digest, parsed.config.digest, layer.digest}
 
 
+def test_claim_all_protects_every_blob_or_none(tmp_path: Path) -> None:
+    """A cache lookup claims a cached step's layers in one go: all present and then all kept by gc, or False
+    with none of them leased."""
+    writer = Store(tmp_path)
+    a, b = writer.write_blob(b"layer a").digest, writer.write_blob(b"layer b").digest
+    writer.release()  # as if the writing process ended
+    store, collector = Store(tmp_path), Store(tmp_path)
+    assert store.claim_all([a, Digest.of(b"not there")]) is False
+    assert collector.gc()[0] == 2  # the failed claim leased nothing
+    a, b = writer.write_blob(b"layer a").digest, writer.write_blob(b"layer b").digest
+    writer.release()
+    assert store.claim_all([a, b]) is True
+    assert store.claim_all([]) is True
+    assert collector.gc()[0] == 0  # kept by the claim
+    store.release()
+    assert collector.gc()[0] == 2
+
+
 def test_gc_respects_another_live_process_lease(tmp_path: Path) -> None:
     """A blob another (live) process just wrote, before it sets a ref, survives a concurrent gc."""
     script = textwrap.dedent(
