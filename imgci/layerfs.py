@@ -36,8 +36,8 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from imgci.compression import HashingReader, Readable, open_decompressed
 from imgci.errors import (
     ArchiveError,
     CorruptArchiveError,
@@ -47,8 +47,11 @@ from imgci.errors import (
 )
 from imgci.oci import Digest, ImageConfig, Manifest
 from imgci.rootdir import RootDir, lstat_at, relpath
-from imgci.store import Store
 from imgci.tarstream import BLK, CHR, FIFO, LNK, SYM, TarEntry, TarReader, safe_parts
+
+if TYPE_CHECKING:  # (at run time: imported where used; the sandbox's fork server imports this module)
+    from imgci.compression import Readable
+    from imgci.store import Store
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
@@ -459,6 +462,8 @@ def consume_verified_layer(
 ) -> None:
     """Feed the decompressed stream of layer blob ``raw`` to ``consume``, then check the blob's digest and the
     stream's (``diff_id``); DigestMismatchError on a difference (after ``consume`` ran: discard what it made)."""
+    from imgci.compression import HashingReader, open_decompressed
+
     packed = HashingReader(raw, digest.algorithm)
     unpacked = HashingReader(open_decompressed(packed), diff_id.algorithm)
     consume(unpacked)
