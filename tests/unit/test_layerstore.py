@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -438,6 +439,33 @@ def test_write_layer_unpacks_in_the_same_pass(store: Store, layers: LayerStore, 
     assert store.has_blob(result.descriptor.digest) and layers.unpack_count == 1
     assert (path / "root/a/x").stat().st_size == 3_000_000
     assert_index_matches_blob(layers, result, tmp_path)
+
+
+def test_a_small_layer_is_written_and_unpacked_without_threads(
+    store: Store, layers: LayerStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer of a few small files (a one-file COPY) is tarred, compressed and then unpacked in the calling
+    thread; the blob, the files and the index are those of the threaded path."""
+    entries = [d("a", mtime=5), f("a/x", b"small\n", mtime=9), sym("l", "a/x"), hl("h", "a/x"), wh("gone")]
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def spy(self: threading.Thread) -> None:
+        started.append(self.name)
+        start(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(threading.Thread, "start", spy)
+        result, path = layers.write_layer(entries, source_date_epoch=10)
+    assert started == []
+    assert (path / "root/a/x").read_bytes() == b"small\n" and os.readlink(path / "root/l") == "a/x"
+    assert_index_matches_blob(layers, result, tmp_path)
+    monkeypatch.setattr(layerstore, "INLINE_ENTRIES", 0)  # the threaded path, for the same entries
+    with Store(tmp_path / "threaded") as other, LayerStore(other) as threaded:
+        again, other_path = threaded.write_layer(entries, source_date_epoch=10)
+        assert (again.descriptor, again.diff_id) == (result.descriptor, result.diff_id)
+        assert threaded.index(again.diff_id) == layers.index(result.diff_id)
+        assert _tree(other_path / "root") == _tree(path / "root")
 
 
 def test_add_layer_does_not_read_the_blob(
