@@ -360,10 +360,16 @@ class Store:
             return self._lease_id
 
     def _record_blob(self, digest: Digest, size: int) -> None:
+        self._record_blobs([(digest, size)])
+
+    def _record_blobs(self, blobs: list[tuple[Digest, int]]) -> None:
+        """Record blobs (digest, size) as present and leased by this process, in one transaction."""
         lease = self._lease()
+        now = time.time()
         with self.transaction() as db:
-            db.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (digest.value, size, time.time()))
-            db.execute("INSERT OR IGNORE INTO lease_blobs VALUES (?, ?)", (lease, digest.value))
+            for digest, size in blobs:
+                db.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (digest.value, size, now))
+                db.execute("INSERT OR IGNORE INTO lease_blobs VALUES (?, ?)", (lease, digest.value))
 
     def release(self) -> None:
         """Drop this process's lease (its blobs become collectable unless referenced)."""
@@ -407,7 +413,7 @@ class Store:
         """:meth:`claim` for every blob of ``digests`` in one lock and one transaction (a cache lookup claims the
         layers of each cached step): True if all are present, and then all are protected."""
         with self.writer_lock():
-            sizes = []
+            present = []
             for digest in digests:
                 try:
                     st = self.blob_path(digest).stat()
@@ -415,15 +421,9 @@ class Store:
                     return False
                 if not stat.S_ISREG(st.st_mode):
                     return False
-                sizes.append(st.st_size)
-            if not digests:
-                return True
-            lease = self._lease()
-            now = time.time()
-            with self.transaction() as db:
-                for digest, size in zip(digests, sizes, strict=True):
-                    db.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (digest.value, size, now))
-                    db.execute("INSERT OR IGNORE INTO lease_blobs VALUES (?, ?)", (lease, digest.value))
+                present.append((digest, st.st_size))
+            if present:
+                self._record_blobs(present)
             return True
 
     def blob_size(self, digest: Digest) -> int:
