@@ -85,8 +85,8 @@ class PushHelper:
         Best effort: a helper that is gone says so at :meth:`push`."""
         if self._done:
             return
-        message = {"blob": {"mediaType": descriptor.media_type, "digest": descriptor.digest.value}}
-        message["blob"]["size"] = descriptor.size
+        blob = {"mediaType": descriptor.media_type, "digest": descriptor.digest.value, "size": descriptor.size}
+        message = {"blob": blob}
         with contextlib.suppress(OSError):
             _write_all(self._request_fd, json.dumps(message).encode() + b"\n")
 

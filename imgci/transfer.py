@@ -480,13 +480,12 @@ class PrePush:
             ctx = contextvars.copy_context()
             self._futures[desc.digest] = self._pool.submit(ctx.run, self.pusher.push, desc)
 
-    def wait(self) -> set[Digest]:
-        """The digests now in the repository (``pusher.counts`` says how they got there); the first failure is
-        raised."""
+    def wait(self) -> None:
+        """Until every blob added is in the repository (``pusher.counts`` says how they got there); the first
+        failure is raised."""
         self._pool.shutdown(wait=True)
         for future in self._futures.values():
             future.result()
-        return set(self._futures)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -532,11 +531,10 @@ def push_image(
         for desc in blobs:  # the rest (the config, the last layers) go along with those still on their way
             prepush.add(desc)
         prepush.wait()
-        blobs = []
     else:
         pusher = _BlobPusher(store, client, dest_ref.registry, repo, mount_from, report)
+        _parallel(blobs, pusher.push, max_workers)
     counts = pusher.counts
-    _parallel(blobs, pusher.push, max_workers)
     for child, raw in children:
         client.put_manifest(repo, child.digest.value, raw, child.media_type)
         report("manifest", child.digest.short, f"{child.digest.short}: pushed manifest", digest=child.digest.value)
