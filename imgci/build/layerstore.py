@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imgci import child_pythonpath
 from imgci.build.fs import LayerEntry
 from imgci.build.layer import HashSink, LayerResult, Tee, plan_entries, write_layer, write_layer_tar, write_tar
 from imgci.build.layerindex import LayerIndex, LayerIndexBuilder
@@ -71,7 +72,7 @@ def _process_unpack_enabled() -> bool:
 
 def _unpack_env() -> dict[str, str]:
     """The environment of ``python -m imgci._unpack``: ours, with a PYTHONPATH that finds this very imgci."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    return {**os.environ, "PYTHONPATH": child_pythonpath()}
 
 
 def _is_small(entries: list[LayerEntry]) -> bool:

@@ -24,13 +24,13 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
+from imgci import child_pythonpath
 from imgci.build.sandbox import child_python
 from imgci.build.sandbox.spec import ChildSpec, IdKind, LayerRef, MountSpec, ProcessSpec
 from imgci.errors import BuildError
@@ -348,12 +348,7 @@ def _kill(proc: Any) -> None:
 
 def _child_env() -> dict[str, str]:
     """The sandbox interpreters' environment (see :func:`imgci.build.sandbox.child_python`)."""
-    root = str(Path(__file__).resolve().parents[3])  # the directory holding the imgci package
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "LANG": "C.UTF-8",
-        "PYTHONPATH": os.pathsep.join([root, *(p for p in sys.path if p and p != root)]),
-    }
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONPATH": child_pythonpath()}
 
 
 _FORK_SERVER_LOCK = threading.Lock()

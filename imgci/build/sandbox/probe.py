@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
+from imgci import child_pythonpath
 from imgci.build.sandbox.idmap import (
     FULL_RANGE,
     IdMap,
@@ -307,10 +308,7 @@ def _child_argv(test: str, workdir: str = "") -> list[str]:
 
 def _child_env() -> dict[str, str]:
     """The environment plus a PYTHONPATH that finds this imgci, however the parent found it."""
-    root = str(Path(__file__).resolve().parents[3])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
+    return {**os.environ, "PYTHONPATH": child_pythonpath()}
 
 
 def _child_probe(test: str, base: Path, fix: str) -> ProbeResult:
