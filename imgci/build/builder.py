@@ -122,17 +122,18 @@ def _announce_image_blobs(last: Vertex, store: Store, announce: Callable[[Descri
     lock = threading.Lock()
     sent: set[Digest] = set()
     kept: list[Descriptor] = []
-    live = [False]
+    live = False  # a step of the chain has written a layer
 
     def saw(state: ImageState, parent: Any, cached: bool) -> None:
+        nonlocal live
         with lock:
             if not cached and isinstance(parent, ImageState) and len(state.layers) > len(parent.layers):
-                live[0] = True
+                live = True
             for layer in state.layers:
                 if layer.descriptor.digest not in sent:
                     sent.add(layer.descriptor.digest)
                     kept.append(layer.descriptor)
-            if not live[0]:
+            if not live:
                 return
             ready = [d for d in kept if store.has_blob(d.digest)]
             kept.clear()
