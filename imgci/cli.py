@@ -505,7 +505,18 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = frozenset(
+    {
+        *("build", "pull", "push", "tag", "ls", "rm", "save", "load", "unpack", "inspect", "import"),
+        *("du", "prune", "fsck", "login", "logout", "run", "plan", "schema", "doctor", "version"),
+    }
+)
+"""Every command :func:`build_parser` knows (a test holds the two together)."""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """imgci's parser: every command, or (``only``) just that one's — what a command line naming a command needs.
+    Building all ~20 sub-parsers is ~12 ms of every start (argparse looks up each help string's translation)."""
     common = _common()
     parser = argparse.ArgumentParser(
         prog="imgci",
@@ -519,102 +530,130 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(handler=handler)
         return sp
 
-    from imgci.cli_build import add_parser as add_build
+    def want(name: str) -> bool:
+        return only is None or name == only
 
-    add_build(sub, common)
+    if want("build"):
+        from imgci.cli_build import add_parser as add_build
 
-    p = add("pull", cmd_pull, "Pull an image from a registry.")
-    p.add_argument("image", metavar="NAME[:TAG|@DIGEST]")
-    p.add_argument("--platform", help="os/arch[/variant] to pull from a multi-platform image (default: host)")
+        add_build(sub, common)
 
-    p = add("push", cmd_push, "Push an image to a registry.")
-    p.add_argument("image", metavar="NAME[:TAG]")
-    p.add_argument("destination", nargs="?", metavar="DEST[:TAG]", help="push under another name (default NAME)")
+    if want("pull"):
+        p = add("pull", cmd_pull, "Pull an image from a registry.")
+        p.add_argument("image", metavar="NAME[:TAG|@DIGEST]")
+        p.add_argument("--platform", help="os/arch[/variant] to pull from a multi-platform image (default: host)")
 
-    p = add("tag", cmd_tag, "Create a tag TARGET_IMAGE that refers to SOURCE_IMAGE.")
-    p.add_argument("source", metavar="SOURCE_IMAGE[:TAG]")
-    p.add_argument("target", metavar="TARGET_IMAGE[:TAG]")
+    if want("push"):
+        p = add("push", cmd_push, "Push an image to a registry.")
+        p.add_argument("image", metavar="NAME[:TAG]")
+        p.add_argument("destination", nargs="?", metavar="DEST[:TAG]", help="push under another name (default NAME)")
 
-    p = add("ls", cmd_ls, "List images and digests.")
-    p.add_argument("-f", "--filter", action="append", default=[], help="reference=GLOB, digest=, label=K[=V], ...")
-    p.add_argument("-q", "--quiet", action="store_true", help="only names")
-    p.add_argument("--digests", action="store_true", help="with -q: print digests")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    if want("tag"):
+        p = add("tag", cmd_tag, "Create a tag TARGET_IMAGE that refers to SOURCE_IMAGE.")
+        p.add_argument("source", metavar="SOURCE_IMAGE[:TAG]")
+        p.add_argument("target", metavar="TARGET_IMAGE[:TAG]")
 
-    p = add("rm", cmd_rm, "Remove one or more images.")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    if want("ls"):
+        p = add("ls", cmd_ls, "List images and digests.")
+        p.add_argument("-f", "--filter", action="append", default=[], help="reference=GLOB, digest=, label=K[=V], ...")
+        p.add_argument("-q", "--quiet", action="store_true", help="only names")
+        p.add_argument("--digests", action="store_true", help="with -q: print digests")
+        p.add_argument("--format", choices=["table", "json"], default="table")
 
-    p = add("save", cmd_save, "Save images to a tar archive (streamed to STDOUT by default).")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("-o", "--output", help="write to a file, instead of STDOUT")
-    p.add_argument("--format", choices=["docker", "oci"], default="docker", help="archive format (default docker)")
+    if want("rm"):
+        p = add("rm", cmd_rm, "Remove one or more images.")
+        p.add_argument("images", nargs="+", metavar="IMAGE")
 
-    p = add("load", cmd_load, "Load images from a docker-archive or OCI-layout tar (STDIN by default).")
-    p.add_argument("-i", "--input", help="read from a file instead of STDIN")
+    if want("save"):
+        p = add("save", cmd_save, "Save images to a tar archive (streamed to STDOUT by default).")
+        p.add_argument("images", nargs="+", metavar="IMAGE")
+        p.add_argument("-o", "--output", help="write to a file, instead of STDOUT")
+        p.add_argument("--format", choices=["docker", "oci"], default="docker", help="archive format (default docker)")
 
-    p = add("unpack", cmd_unpack, "Unpack an image to a rootfs directory.")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("-o", "--output", help="directory to unpack to (default ./rootfs)")
-    p.add_argument("--platform", help="platform to unpack from a multi-platform image")
+    if want("load"):
+        p = add("load", cmd_load, "Load images from a docker-archive or OCI-layout tar (STDIN by default).")
+        p.add_argument("-i", "--input", help="read from a file instead of STDIN")
 
-    p = add("inspect", cmd_inspect, "Show an image's manifest and config as JSON.")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--type", choices=["all", "manifest", "config", "index"], default="all")
-    p.add_argument("--platform", help="platform to show from a multi-platform image")
+    if want("unpack"):
+        p = add("unpack", cmd_unpack, "Unpack an image to a rootfs directory.")
+        p.add_argument("image", metavar="IMAGE")
+        p.add_argument("-o", "--output", help="directory to unpack to (default ./rootfs)")
+        p.add_argument("--platform", help="platform to unpack from a multi-platform image")
 
-    p = add("import", cmd_import, "Create an image from a rootfs tarball (like docker import).")
-    p.add_argument("file", metavar="FILE|-", help="rootfs tarball (any compression), or - for STDIN")
-    p.add_argument("name", nargs="?", metavar="NAME[:TAG]")
-    p.add_argument(
-        "-c",
-        "--change",
-        action="append",
-        help="apply a Dockerfile instruction: 'CMD [\"sh\"]', 'ENV K=V', 'WORKDIR /app', ... (repeatable)",
-    )
-    p.add_argument("--platform", help="platform to record (default: host)")
-    p.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip")
+    if want("inspect"):
+        p = add("inspect", cmd_inspect, "Show an image's manifest and config as JSON.")
+        p.add_argument("image", metavar="IMAGE")
+        p.add_argument("--type", choices=["all", "manifest", "config", "index"], default="all")
+        p.add_argument("--platform", help="platform to show from a multi-platform image")
 
-    p = add("du", cmd_du, "Show disk usage of the state store.")
-    p.add_argument("-f", "--filter", action="append", default=[], help="reclaimable=true|false")
+    if want("import"):
+        p = add("import", cmd_import, "Create an image from a rootfs tarball (like docker import).")
+        p.add_argument("file", metavar="FILE|-", help="rootfs tarball (any compression), or - for STDIN")
+        p.add_argument("name", nargs="?", metavar="NAME[:TAG]")
+        p.add_argument(
+            "-c",
+            "--change",
+            action="append",
+            help="apply a Dockerfile instruction: 'CMD [\"sh\"]', 'ENV K=V', 'WORKDIR /app', ... (repeatable)",
+        )
+        p.add_argument("--platform", help="platform to record (default: host)")
+        p.add_argument("--compression", choices=["gzip", "zstd", "none"], default="gzip")
 
-    p = add("prune", cmd_prune, "Remove blobs no image or cache entry references, and old build cache.")
-    p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
-    p.add_argument("-a", "--all", action="store_true", help="remove the whole build cache too")
-    p.add_argument("--keep-storage", metavar="SIZE", help="remove least recently used build cache above SIZE (e.g. 5g)")
-    p.add_argument(
-        "--filter", action="append", default=[], metavar="until=DURATION", help="remove build cache unused for DURATION"
-    )
+    if want("du"):
+        p = add("du", cmd_du, "Show disk usage of the state store.")
+        p.add_argument("-f", "--filter", action="append", default=[], help="reclaimable=true|false")
 
-    add("fsck", cmd_fsck, "Verify every blob's digest and every image's references.")
+    if want("prune"):
+        p = add("prune", cmd_prune, "Remove blobs no image or cache entry references, and old build cache.")
+        p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+        p.add_argument("-a", "--all", action="store_true", help="remove the whole build cache too")
+        p.add_argument(
+            "--keep-storage", metavar="SIZE", help="remove least recently used build cache above SIZE (e.g. 5g)"
+        )
+        p.add_argument(
+            "--filter",
+            action="append",
+            default=[],
+            metavar="until=DURATION",
+            help="remove build cache unused for DURATION",
+        )
 
-    p = add("login", cmd_login, "Log in to a registry (writes docker's config.json).")
-    p.add_argument("server", nargs="?", metavar="SERVER", help="registry host (default Docker Hub)")
-    p.add_argument("-u", "--username")
-    p.add_argument("-p", "--password")
-    p.add_argument("--password-stdin", action="store_true", help="take the password from STDIN")
+    if want("fsck"):
+        add("fsck", cmd_fsck, "Verify every blob's digest and every image's references.")
 
-    p = add("logout", cmd_logout, "Log out from a registry.")
-    p.add_argument("server", nargs="?", metavar="SERVER")
+    if want("login"):
+        p = add("login", cmd_login, "Log in to a registry (writes docker's config.json).")
+        p.add_argument("server", nargs="?", metavar="SERVER", help="registry host (default Docker Hub)")
+        p.add_argument("-u", "--username")
+        p.add_argument("-p", "--password")
+        p.add_argument("--password-stdin", action="store_true", help="take the password from STDIN")
 
-    from imgci.cli_run import add_parsers as add_run
+    if want("logout"):
+        p = add("logout", cmd_logout, "Log out from a registry.")
+        p.add_argument("server", nargs="?", metavar="SERVER")
 
-    add_run(sub, common)
+    if only is None or only in ("run", "plan", "schema"):
+        from imgci.cli_run import add_parsers as add_run
 
-    from imgci.cli_doctor import add_parser as add_doctor
+        add_run(sub, common)
+    if want("doctor"):
+        from imgci.cli_doctor import add_parser as add_doctor
 
-    add_doctor(sub, common)
-    add("version", cmd_version, "Show the version information.")
+        add_doctor(sub, common)
+    if want("version"):
+        add("version", cmd_version, "Show the version information.")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from imgci.cli_run import implicit_run
+    from imgci.cli_run import first_positional, implicit_run
 
-    parser = build_parser()
-    commands = {
-        name for action in parser._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices
-    }
-    args = parser.parse_args(implicit_run(list(sys.argv[1:] if argv is None else argv), commands))
+    argv = implicit_run(list(sys.argv[1:] if argv is None else argv), COMMANDS)
+    command = first_positional(argv)
+    # A known command needs only its own sub-parser; anything else (no command, a typo, --help) gets the whole
+    # parser, for its usage and its list of commands.
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
     defaults: tuple[tuple[str, Any], ...] = (
         ("state", None),
         ("debug", False),

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,16 +187,30 @@ def _fail_early(report: Any, e: ImgciError, reporter: Any, metadata_file: Path, 
 _GLOBAL_WITH_VALUE = {"-s", "--state", "--insecure-registry", "--retries", "--progress"}
 
 
-def implicit_run(argv: list[str], commands: set[str]) -> list[str]:
-    """``python -m imgci build.yaml …`` means ``imgci run build.yaml …``: insert ``run`` before the first
-    positional argument when it is not a command and names a YAML file."""
+def _first_positional_index(argv: Sequence[str]) -> int | None:
+    """Where the first argument that is neither a global option nor its value is: the command's place."""
     i = 0
     while i < len(argv):
-        token = argv[i]
-        if token.startswith("-"):
-            i += 2 if token in _GLOBAL_WITH_VALUE else 1
+        if argv[i].startswith("-"):
+            i += 2 if argv[i] in _GLOBAL_WITH_VALUE else 1
             continue
-        if token not in commands and (token.endswith((".yaml", ".yml")) or Path(token).is_file()):
-            return [*argv[:i], "run", *argv[i:]]
+        return i
+    return None
+
+
+def first_positional(argv: Sequence[str]) -> str | None:
+    """The command of an imgci command line (its first positional argument), or None."""
+    i = _first_positional_index(argv)
+    return None if i is None else argv[i]
+
+
+def implicit_run(argv: list[str], commands: Collection[str]) -> list[str]:
+    """``python -m imgci build.yaml …`` means ``imgci run build.yaml …``: insert ``run`` before the first
+    positional argument when it is not a command and names a YAML file."""
+    i = _first_positional_index(argv)
+    if i is None:
         return argv
+    token = argv[i]
+    if token not in commands and (token.endswith((".yaml", ".yml")) or Path(token).is_file()):
+        return [*argv[:i], "run", *argv[i:]]
     return argv
