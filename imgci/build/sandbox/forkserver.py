@@ -248,7 +248,9 @@ def serve(fd: int) -> None:
     import imgci.build.sandbox.child
     import imgci.build.sandbox.diff
     import imgci.build.sandbox.snapshots  # noqa: F401
+    from imgci.build.sandbox import libc
 
+    libc.preload()
     sock = socket.socket(fileno=fd)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)

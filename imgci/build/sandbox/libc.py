@@ -3,6 +3,11 @@
 Contract: each function raises :class:`OSError` (with errno and the call's name) on failure, like ``os`` does.
 Nothing here is compiled: ``cffi`` opens the process's own libc (``dlopen(None)``), so installing imgci needs no
 compiler. Constants are Linux's (identical on x86_64 and aarch64).
+
+The declarations (:data:`_CDEF`) are used *out of line*: :mod:`imgci.build.sandbox._libc_ffi` is the module cffi
+generates from them (``python -m imgci.build.sandbox.libc``; a test holds it to :data:`_CDEF`), plain Python that
+loads in ~2 ms. Parsing them at run time (``FFI().cdef``, with pycparser) took ~29 ms, paid by every sandbox child
+— a RUN step's fixed cost.
 """
 
 from __future__ import annotations
@@ -56,12 +61,26 @@ _ffi: Any = None
 def _libc() -> tuple[Any, Any]:
     global _lib, _ffi
     if _lib is None:
-        import cffi
+        from imgci.build.sandbox._libc_ffi import ffi
 
-        ffi = cffi.FFI()
-        ffi.cdef(_CDEF)
         _lib, _ffi = ffi.dlopen(None), ffi
     return _lib, _ffi
+
+
+def preload() -> None:
+    """Open libc now (the fork server does, so that the children it forks have it)."""
+    _libc()
+
+
+def generate(directory: str) -> str:
+    """Write the out-of-line module for :data:`_CDEF` under ``directory`` (as ``imgci/build/sandbox/_libc_ffi.py``);
+    returns its path."""
+    import cffi
+
+    builder = cffi.FFI()
+    builder.cdef(_CDEF)
+    builder.set_source(f"{__package__}._libc_ffi", None)
+    return str(builder.compile(tmpdir=directory))
 
 
 def _check(result: int, call: str, *paths: str) -> None:
@@ -126,3 +145,7 @@ def clear_inheritable_capabilities() -> None:
     data[2] = data[5] = 0
     _check(lib.capset(header, data), "capset")
     lib.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL before Linux 4.3: no ambient set to clear
+
+
+if __name__ == "__main__":  # regenerate imgci/build/sandbox/_libc_ffi.py after changing _CDEF
+    print(generate(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))))
