@@ -409,16 +409,26 @@ class _BlobPusher:
 
     def push(self, desc: Descriptor) -> None:
         with _upload_lock(self.registry, desc.digest):
+            # Put there by this client already (another image of a matrix bound for the same repository): not
+            # again. Mounting a blob the repository holds rewrites its link, and docker-registry's storage does
+            # that in place: a manifest PUT that reads it meanwhile fails with MANIFEST_BLOB_UNKNOWN.
+            if self.client.placed(self.repo, desc.digest):
+                self._count_present(desc)
+                return
             self._push_once(desc)
+            self.client.note_placed(self.repo, desc.digest)
 
     def _exists(self, desc: Descriptor) -> bool:
         if self.client.blob_exists(self.repo, desc.digest, push=True) is None:
             return False
+        self._count_present(desc)
+        return True
+
+    def _count_present(self, desc: Descriptor) -> None:
         with self._lock:
             self.counts.skipped += 1
         key = desc.digest.short
         self.report("exists", key, f"{key}: layer already exists", digest=desc.digest.value, total=desc.size)
-        return True
 
     def _push_once(self, desc: Descriptor) -> None:
         key = desc.digest.short

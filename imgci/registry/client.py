@@ -110,9 +110,20 @@ class RegistryClient:
         self.chunk_threshold = chunk_threshold
         self.chunk_size = chunk_size
         self.max_manifest_size = max_manifest_size
+        self._placed: set[tuple[str, str]] = set()
+        self._placed_lock = threading.Lock()
 
     def close(self) -> None:
         self.transport.close()
+
+    def placed(self, repository: str, digest: Digest) -> bool:
+        """Whether this client has already put the blob into ``repository`` (uploaded, mounted, or found there)."""
+        with self._placed_lock:
+            return (repository, digest.value) in self._placed
+
+    def note_placed(self, repository: str, digest: Digest) -> None:
+        with self._placed_lock:
+            self._placed.add((repository, digest.value))
 
     def __enter__(self) -> RegistryClient:
         return self

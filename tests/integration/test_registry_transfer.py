@@ -132,6 +132,40 @@ def test_cross_repo_mount(proxy: FaultProxy, docker_config: Path, state: Store) 
     assert proxy.count("PUT", r"/blobs/uploads/") == 0 and proxy.count("PATCH") == 0
 
 
+def test_a_blob_put_into_a_repository_is_not_put_there_again_by_the_same_client(
+    proxy: FaultProxy, docker_config: Path, state: Store
+) -> None:
+    # Two images of a matrix bound for one repository share their base layer. Mounting that layer a second time
+    # rewrites its link in docker-registry's storage while the first image's manifest PUT may be reading it: that
+    # PUT failed with MANIFEST_BLOB_UNKNOWN now and then. The second push leaves the layer alone.
+    shared = random_bytes(40_000)
+    make_image(state, "localhost/a:1", [shared, b"a's own layer"])
+    make_image(state, "localhost/b:1", [shared, b"b's own layer"])
+    push_image(state, "localhost/a:1", parse(f"{proxy.host}/placed/base:1"), client_factory=pool())
+    shared_digest = Digest.of(shared).value
+    proxy.clear()
+    clients = pool()
+    source = [f"{proxy.host}/placed/base"]
+    first = push_image(
+        state, "localhost/a:1", parse(f"{proxy.host}/placed/app:a"), client_factory=clients, mount_from=source
+    )
+    assert (first.mounted_blobs, first.uploaded_blobs, first.skipped_blobs) == (3, 0, 0)
+    mounts = f"/v2/placed/app/blobs/uploads/\\?mount={shared_digest.replace(':', '(:|%3A)')}&from=placed%2Fbase"
+    assert proxy.count("POST", mounts, 201) == 1
+    proxy.clear()
+    second = push_image(
+        state, "localhost/b:1", parse(f"{proxy.host}/placed/app:b"), client_factory=clients, mount_from=source
+    )
+    assert (second.mounted_blobs, second.uploaded_blobs, second.skipped_blobs) == (0, 2, 1), proxy.requests
+    assert [r for r in proxy.requests if shared_digest in r.path.replace("%3A", ":")] == []
+    assert proxy.count("PUT", r"/manifests/b$", 201) == 1
+    # another client (another imgci process) knows nothing of it: it asks the registry again
+    third = push_image(
+        state, "localhost/b:1", parse(f"{proxy.host}/placed/app:b2"), client_factory=pool(), mount_from=source
+    )
+    assert third.skipped_blobs + third.mounted_blobs == 3 and third.uploaded_blobs == 0
+
+
 def test_cross_repo_mount_asks_for_pull_on_the_source(
     token_registry: RegistryServer, docker_config: Path, state: Store, state2: Store
 ) -> None:
