@@ -302,8 +302,11 @@ def _split(run: Run, push_seconds: float) -> tuple[Run, Run]:
 
 
 def _fail(m: Measured | subprocess.CompletedProcess[str]) -> str:
+    """What went wrong: the last line that says error or failed (``imgci run`` ends with its metadata file's
+    name), else the last line."""
     lines = (m.stderr or m.stdout or "").strip().splitlines()
-    return (lines[-1] if lines else f"exit {m.returncode}")[:200]
+    said = [line for line in lines if "error" in line.lower() or "failed" in line.lower()]
+    return ((said or lines)[-1] if lines else f"exit {m.returncode}")[:300]
 
 
 def rm_tree(path: Path) -> None:
