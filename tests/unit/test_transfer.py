@@ -64,6 +64,14 @@ class MemoryRegistry:
         m[tag_or_digest] = m[d.value] = (raw, media_type)
         return d
 
+    # What a RegistryClient remembers having put into a repository: nothing here, each push asks the registry as a
+    # fresh imgci process does (tests/integration/test_registry_transfer.py has the real client's memory).
+    def placed(self, repo: str, digest: Digest) -> bool:
+        return False
+
+    def note_placed(self, repo: str, digest: Digest) -> None:
+        pass
+
     def blob_exists(self, repo: str, digest: Digest, *, push: bool = False) -> int | None:
         self._log("blob_exists", repo, digest.value)
         data = self.repo_blobs(repo).get(digest)
