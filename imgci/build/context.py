@@ -51,6 +51,8 @@ _TYPES: dict[int, EntryType] = {
 }
 _MAX_IGNOREFILE = 4 << 20
 _DIR_FDS = 128
+_LISTINGS = 256  # directories whose entries' lstat results are kept from their listing
+_LISTED_ENTRIES = 65536  # at most this many entries in them together (a bound on memory, ~10 MB)
 
 
 class DirectoryFS:
@@ -82,6 +84,11 @@ class DirectoryFS:
         # O_PATH fds of directories walked to recently (real path -> fd): reading 4,000 files of 40 directories
         # then costs a dup each instead of a walk of open/close per path component.
         self._dir_fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # The lstat results of the entries of directories listed recently (real path -> name -> stat): a COPY of a
+        # tree lists each directory, then lstats each entry — for its cache key, then again for its layer. The
+        # listing's own stat answers those, instead of three system calls per entry each time.
+        self._listed: collections.OrderedDict[str, dict[str, os.stat_result]] = collections.OrderedDict()
+        self._listed_entries = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -109,6 +116,8 @@ class DirectoryFS:
     def _open_dir(self, real: str, *, readable: bool = False) -> int:
         """An fd of directory ``real``: ``O_PATH`` unless ``readable`` (for listing). A directory that cannot be
         entered or read is a BuildError; missing ones raise FileNotFoundError/NotADirectoryError."""
+        if not real and not readable:
+            return os.dup(self._root_fd)  # for the *at calls only: its offset, shared with the dup, is never used
         if real and not readable:
             with self._lock:
                 cached = self._dir_fds.get(real)
@@ -143,6 +152,10 @@ class DirectoryFS:
 
     def _raw_lstat(self, real: str) -> os.stat_result | None:
         parent, name = treepath.parent_and_name(real)
+        with self._lock:
+            listing = self._listed.get(parent)
+            if listing is not None:
+                return listing.get(name)  # not in its directory's listing: it did not exist then
         try:
             fd = self._open_dir(parent)
         except (FileNotFoundError, NotADirectoryError):
@@ -220,12 +233,24 @@ class DirectoryFS:
                 entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
         finally:
             os.close(fd)
+        self._remember_listing(real, dict(entries))
         names = []
         for name, st in entries:
             child = f"{real}/{name}" if real else name
             if stat.S_IFMT(st.st_mode) in _TYPES and self._visible(child, st):
                 names.append(name)
         return sorted(names)
+
+    def _remember_listing(self, real: str, stats: dict[str, os.stat_result]) -> None:
+        with self._lock:
+            old = self._listed.pop(real, None)
+            self._listed_entries -= len(old) if old is not None else 0
+            if len(stats) > _LISTED_ENTRIES:
+                return
+            self._listed[real] = stats
+            self._listed_entries += len(stats)
+            while len(self._listed) > _LISTINGS or self._listed_entries > _LISTED_ENTRIES:
+                self._listed_entries -= len(self._listed.popitem(last=False)[1])
 
     def _lstat_real(self, real: str) -> FileInfo | None:
         st = self._raw_lstat(real)
@@ -299,8 +324,10 @@ class DirectoryFS:
 
     def inode_key(self, path: str) -> tuple[int, int] | None:
         """``(dev, ino)`` of a regular file with more than one link (for hardlink preservation), else None."""
-        real = self.resolve(path)
-        st = self._raw_lstat(real) if real is not None else None
+        st = self._raw_lstat(treepath.clean(path))  # copy plans pass a real path: nothing to resolve
+        if st is None or stat.S_ISLNK(st.st_mode) or not self._visible(treepath.clean(path), st):
+            real = self.resolve(path)
+            st = self._raw_lstat(real) if real is not None else None
         if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
             return None
         return st.st_dev, st.st_ino

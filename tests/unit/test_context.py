@@ -199,3 +199,52 @@ def test_inode_key_for_hardlinks(ctxdir: Path) -> None:
         key = ctx.inode_key("README.md")
         assert key is not None and key == ctx.inode_key("again.md")
         assert ctx.inode_key("src/main.go") is None
+    # through a symlink (a path that is not a real one): resolved to the file it names
+    (ctxdir / "link.md").symlink_to("again.md")
+    (ctxdir / "linkdir").symlink_to(".")
+    with BuildContext(ctxdir) as ctx:
+        key = ctx.inode_key("README.md")
+        assert ctx.inode_key("link.md") == key and ctx.inode_key("linkdir/again.md") == key
+        assert ctx.inode_key("missing.md") is None
+
+
+def test_a_listing_answers_the_lstat_of_its_entries(ctxdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A COPY lists each directory, then lstats every entry (for its cache key, again for its layer): the listing's
+    # own stat answers, instead of a walk to the directory and an lstat per entry each time.
+    make(ctxdir, {f"many/f{i:03d}": str(i) for i in range(200)})
+    with BuildContext(ctxdir) as ctx:
+        names = ctx.listdir("many")
+        assert len(names) == 200
+        calls: list[str] = []
+        real_lstat, real_open = os.lstat, os.open
+        monkeypatch.setattr(os, "lstat", lambda *a, **k: (calls.append("lstat"), real_lstat(*a, **k))[1])
+        monkeypatch.setattr(os, "open", lambda *a, **k: (calls.append("open"), real_open(*a, **k))[1])
+        infos = [ctx.lstat(f"many/{n}") for n in names]
+        assert calls == []
+        monkeypatch.undo()
+        assert [(i.type, i.size, i.mtime) for i in infos if i is not None] == [
+            ("file", (ctxdir / "many" / n).stat().st_size, (ctxdir / "many" / n).stat().st_mtime_ns / 1e9)
+            for n in names
+        ]
+        # what the listing did not hold did not exist then; the next listing sees it
+        (ctxdir / "many" / "late").write_text("late")
+        assert ctx.lstat("many/late") is None
+        assert "late" in ctx.listdir("many")
+        late = ctx.lstat("many/late")
+        assert late is not None and late.size == 4
+
+
+def test_listings_kept_are_bounded(ctxdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import imgci.build.context as context
+
+    monkeypatch.setattr(context, "_LISTED_ENTRIES", 150)
+    make(ctxdir, {f"d{d}/f{i:02d}": "x" for d in range(4) for i in range(60)})
+    with BuildContext(ctxdir) as ctx:
+        for d in range(4):
+            ctx.listdir(f"d{d}")
+            assert ctx._listed_entries <= 150
+        assert sum(len(v) for v in ctx._listed.values()) == ctx._listed_entries
+        assert list(ctx._listed) == ["d2", "d3"]  # the oldest went first
+        # an evicted directory's entries are still found, by lstat itself
+        info = ctx.lstat("d0/f01")
+        assert info is not None and info.type == "file"
