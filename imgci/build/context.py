@@ -288,6 +288,10 @@ class DirectoryFS:
         return self._visible_names(real)
 
     def open(self, path: str) -> IO[bytes]:
+        clean = treepath.clean(path)
+        st = self._raw_lstat(clean)  # a layer's entries name real paths: nothing to resolve
+        if st is not None and stat.S_ISREG(st.st_mode) and self._visible(clean, st):
+            return self.open_real(clean)
         real = self.resolve(path)
         info = self._lstat_real(real) if real is not None else None
         if real is None or info is None or info.type != "file":

@@ -221,6 +221,12 @@ def test_a_listing_answers_the_lstat_of_its_entries(ctxdir: Path, monkeypatch: p
         monkeypatch.setattr(os, "open", lambda *a, **k: (calls.append("open"), real_open(*a, **k))[1])
         infos = [ctx.lstat(f"many/{n}") for n in names]
         assert calls == []
+        with ctx.open("many/f007") as f:  # a real path: opened without resolving it component by component
+            assert f.read() == b"7"
+        calls.clear()
+        with ctx.open("many/f008") as f:  # its directory's fd kept from the first: one open, of the file itself
+            assert f.read() == b"8"
+        assert calls == ["open"]
         monkeypatch.undo()
         assert [(i.type, i.size, i.mtime) for i in infos if i is not None] == [
             ("file", (ctxdir / "many" / n).stat().st_size, (ctxdir / "many" / n).stat().st_mtime_ns / 1e9)
