@@ -328,8 +328,9 @@ class DirectoryFS:
 
     def inode_key(self, path: str) -> tuple[int, int] | None:
         """``(dev, ino)`` of a regular file with more than one link (for hardlink preservation), else None."""
-        st = self._raw_lstat(treepath.clean(path))  # copy plans pass a real path: nothing to resolve
-        if st is None or stat.S_ISLNK(st.st_mode) or not self._visible(treepath.clean(path), st):
+        clean = treepath.clean(path)
+        st = self._raw_lstat(clean)  # copy plans pass a real path: nothing to resolve
+        if st is None or stat.S_ISLNK(st.st_mode) or not self._visible(clean, st):
             real = self.resolve(path)
             st = self._raw_lstat(real) if real is not None else None
         if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
