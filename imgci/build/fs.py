@@ -71,7 +71,7 @@ class LayerEntry:
     info: FileInfo
     source_fs: SourceFS | None = None
     source_path: str = ""
-    host_path: Path | None = None
+    host_path: str | Path | None = None
     data: bytes | None = None
     whiteout: bool = False  # info.path is deleted (written as .wh.NAME)
     opaque: bool = False  # info.path (a dir) hides everything below it in lower layers (.wh..wh..opq)

@@ -41,7 +41,7 @@ class Meta:
     link: str = ""  # a symlink's target
 
 
-def _meta(st: os.stat_result, path: Path | None = None) -> Meta:
+def _meta(st: os.stat_result, path: str | Path | None = None) -> Meta:
     link = os.readlink(path) if path is not None and stat.S_ISLNK(st.st_mode) else ""
     return Meta(
         st.st_mode,
@@ -64,7 +64,7 @@ def _walk(root: Path) -> Iterable[tuple[str, os.stat_result]]:
     while stack:
         rel = stack.pop()
         try:
-            it = os.scandir(root / rel if rel else root)
+            it = os.scandir(f"{root}/{rel}" if rel else root)
         except (FileNotFoundError, NotADirectoryError):
             continue
         with it:
@@ -77,10 +77,10 @@ def _walk(root: Path) -> Iterable[tuple[str, os.stat_result]]:
 
 
 def scan(root: Path) -> dict[str, Meta]:
-    return {path: _meta(st, root / path) for path, st in _walk(root)}
+    return {path: _meta(st, f"{root}/{path}") for path, st in _walk(root)}
 
 
-def _same(a: Meta, b: Meta, full: Path, crc: int | None) -> bool:
+def _same(a: Meta, b: Meta, full: str, crc: int | None) -> bool:
     """Whether entry ``full`` (now ``b``) is unchanged since ``a``; ``crc``: its content's CRC-32 back then."""
     if (a.mode, a.uid, a.gid, a.mtime_ns) != (b.mode, b.uid, b.gid, b.mtime_ns):
         return False
@@ -97,7 +97,7 @@ def _same(a: Meta, b: Meta, full: Path, crc: int | None) -> bool:
     return not stat.S_ISREG(a.mode)
 
 
-def _crc_of(path: Path) -> int | None:
+def _crc_of(path: str | Path) -> int | None:
     crc = 0
     try:
         with open(path, "rb") as f:
@@ -123,7 +123,7 @@ def _type(st: os.stat_result | Meta) -> EntryType:
     return "file"
 
 
-def _xattrs(path: Path) -> tuple[tuple[str, bytes], ...]:
+def _xattrs(path: str | Path) -> tuple[tuple[str, bytes], ...]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
@@ -140,7 +140,7 @@ def _xattrs(path: Path) -> tuple[tuple[str, bytes], ...]:
 
 
 def _entry(root: Path, path: str, st: os.stat_result, *, opaque: bool = False) -> LayerEntry:
-    full = root / path
+    full = f"{root}/{path}"  # strings, not Paths: a Path join costs more than the lstat (~2,000 of them a RUN)
     kind = _type(st)
     info = FileInfo(
         path=path,
@@ -199,7 +199,8 @@ def diff_native(root: Path, before: dict[str, Meta], crcs: dict[str, int] | None
         stats[path] = st
         seen.add(path)
         old = before.get(path)
-        if old is None or not _same(old, _meta(st, root / path), root / path, crcs.get(path)):
+        full = f"{root}/{path}"
+        if old is None or not _same(old, _meta(st, full), full, crcs.get(path)):
             changed[path] = _entry(root, path, st)
     for path in before:
         if path in seen:
@@ -231,31 +232,32 @@ def diff_upper(upper: Path, lowers: list[Path], flavor: str) -> list[LayerEntry]
             continue
         found = view.lstat(path)
         lower, source = found if found is not None else (None, None)
+        full = f"{upper}/{path}"
         if stat.S_ISDIR(st.st_mode) and (
-            _xattr_is(upper / path, key) or (parent in hiding and lower is not None and stat.S_ISDIR(lower.st_mode))
+            _xattr_is(full, key) or (parent in hiding and lower is not None and stat.S_ISDIR(lower.st_mode))
         ):
             hiding.add(path)
             changed[path] = _entry(upper, path, st)
-            present = set(os.listdir(upper / path))
+            present = set(os.listdir(full))
             for name in view.children(path):
                 if name not in present:
                     child = f"{path}/{name}"
                     changed[child] = _whiteout(child)
             continue
-        if parent not in hiding and lower is not None and _same_meta(upper / path, st, lower, source):
+        if parent not in hiding and lower is not None and _same_meta(full, st, lower, source):
             continue  # only copied up: on the way to a change below it, opened for writing, a removed mount stub
         changed[path] = _entry(upper, path, st)
     return _finish(upper, changed, stats)
 
 
-def _xattr_is(path: Path, key: str) -> bool:
+def _xattr_is(path: str, key: str) -> bool:
     try:
         return os.getxattr(path, key, follow_symlinks=False) == b"y"
     except OSError:
         return False
 
 
-def _same_meta(full: Path, st: os.stat_result, lower: os.stat_result, source: Path | None) -> bool:
+def _same_meta(full: str, st: os.stat_result, lower: os.stat_result, source: str | None) -> bool:
     """Whether an upper entry equals the lower one: type, mode, owner, mtime, size, xattrs, link target, content."""
     if (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) != (
         lower.st_mode,
@@ -275,7 +277,7 @@ def _same_meta(full: Path, st: os.stat_result, lower: os.stat_result, source: Pa
     return True
 
 
-def _same_content(a: Path, b: Path) -> bool:
+def _same_content(a: str, b: str) -> bool:
     with open(a, "rb") as fa, open(b, "rb") as fb:
         while True:
             x, y = fa.read(1 << 20), fb.read(1 << 20)
@@ -286,39 +288,42 @@ def _same_content(a: Path, b: Path) -> bool:
 
 
 class LowerView:
-    """The merged lower directories of an overlay, looked up one directory at a time (cached)."""
+    """The merged lower directories of an overlay, looked up one directory at a time (cached). Host paths are
+    strings here (a Path join per lookup cost more than the lookup)."""
 
     def __init__(self, lowers: list[Path]) -> None:
-        self._dirs: dict[str, list[Path]] = {"": list(lowers)}
+        self._dirs: dict[str, list[str]] = {"": [str(d) for d in lowers]}
 
-    def dirs(self, path: str) -> list[Path]:
+    def dirs(self, path: str) -> list[str]:
         """The lower directories that make up merged directory ``path``, top first (empty: not a lower dir)."""
         cached = self._dirs.get(path)
         if cached is not None:
             return cached
         parent, _, name = path.rpartition("/")
-        out: list[Path] = []
+        out: list[str] = []
         for d in self.dirs(parent):
-            st = lstat_or_none(d / name)
+            below = f"{d}/{name}"
+            st = lstat_or_none(below)
             if st is None:
                 if _is_opaque(d):
                     break
                 continue
             if not stat.S_ISDIR(st.st_mode):  # a whiteout or a file hides everything below
                 break
-            out.append(d / name)
-            if _is_opaque(d / name):
+            out.append(below)
+            if _is_opaque(below):
                 break
         self._dirs[path] = out
         return out
 
-    def lstat(self, path: str) -> tuple[os.stat_result, Path] | None:
+    def lstat(self, path: str) -> tuple[os.stat_result, str] | None:
         """What the merged lowers have at ``path`` and where, or None."""
         parent, _, name = path.rpartition("/")
         for d in self.dirs(parent):
-            st = lstat_or_none(d / name)
+            below = f"{d}/{name}"
+            st = lstat_or_none(below)
             if st is not None:
-                return None if is_whiteout(st) else (st, d / name)
+                return None if is_whiteout(st) else (st, below)
             if _is_opaque(d):
                 return None
         return None
@@ -338,7 +343,7 @@ class LowerView:
         return names
 
 
-def _is_opaque(path: Path) -> bool:
+def _is_opaque(path: str | Path) -> bool:
     for key in ("user.overlay.opaque", "trusted.overlay.opaque"):
         try:
             if os.getxattr(path, key, follow_symlinks=False) == b"y":

@@ -99,10 +99,10 @@ def _find_in_lowers(lowers: list[Path], path: str) -> Path | None:
     from imgci.build.sandbox.diff import LowerView
 
     found = LowerView(lowers).lstat(path)
-    return found[1] if found is not None and stat.S_ISREG(found[0].st_mode) else None
+    return Path(found[1]) if found is not None and stat.S_ISREG(found[0].st_mode) else None
 
 
-def lstat_or_none(path: Path) -> os.stat_result | None:
+def lstat_or_none(path: str | Path) -> os.stat_result | None:
     try:
         return os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
