@@ -514,10 +514,24 @@ COMMANDS = frozenset(
 """Every command :func:`build_parser` knows (a test holds the two together)."""
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def command_index(argv: Sequence[str], common: argparse.ArgumentParser) -> int | None:
+    """Where the command is in ``argv``: its first argument that is neither one of ``common``'s (global) options nor
+    such an option's value; None if there is none."""
+    with_value = {o for a in common._actions if a.nargs != 0 for o in a.option_strings}
+    i = 0
+    while i < len(argv):
+        if argv[i].startswith("-"):
+            i += 2 if argv[i] in with_value else 1
+            continue
+        return i
+    return None
+
+
+def build_parser(only: str | None = None, common: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """imgci's parser: every command, or (``only``) just that one's — what a command line naming a command needs.
-    Building all ~20 sub-parsers is ~12 ms of every start (argparse looks up each help string's translation)."""
-    common = _common()
+    Building all ~20 sub-parsers is ~12 ms of every start (argparse looks up each help string's translation).
+    ``common``: the global options' parser (:func:`_common`), when the caller has made it already."""
+    common = common or _common()
     parser = argparse.ArgumentParser(
         prog="imgci",
         description="Daemon-less, unprivileged Dockerfile and OCI image builder for CI.",
@@ -646,14 +660,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from imgci.cli_run import first_positional, implicit_run
+    from imgci.cli_run import implicit_run
 
-    argv = implicit_run(list(sys.argv[1:] if argv is None else argv), COMMANDS)
-    command = first_positional(argv)
+    common = _common()
+    words = list(sys.argv[1:] if argv is None else argv)
+    i = command_index(words, common)
+    words = implicit_run(words, i, COMMANDS)
+    command = words[i] if i is not None else None
     # A known command needs only its own sub-parser; anything else (no command, a typo, --help) gets the whole
     # parser, for its usage and its list of commands.
-    parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    parser = build_parser(command if command in COMMANDS else None, common)
+    args = parser.parse_args(words)
     defaults: tuple[tuple[str, Any], ...] = (
         ("state", None),
         ("debug", False),

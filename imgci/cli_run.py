@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -184,30 +184,9 @@ def _fail_early(report: Any, e: ImgciError, reporter: Any, metadata_file: Path, 
     return 2
 
 
-_GLOBAL_WITH_VALUE = {"-s", "--state", "--insecure-registry", "--retries", "--progress"}
-
-
-def _first_positional_index(argv: Sequence[str]) -> int | None:
-    """Where the first argument that is neither a global option nor its value is: the command's place."""
-    i = 0
-    while i < len(argv):
-        if argv[i].startswith("-"):
-            i += 2 if argv[i] in _GLOBAL_WITH_VALUE else 1
-            continue
-        return i
-    return None
-
-
-def first_positional(argv: Sequence[str]) -> str | None:
-    """The command of an imgci command line (its first positional argument), or None."""
-    i = _first_positional_index(argv)
-    return None if i is None else argv[i]
-
-
-def implicit_run(argv: list[str], commands: Collection[str]) -> list[str]:
-    """``python -m imgci build.yaml …`` means ``imgci run build.yaml …``: insert ``run`` before the first
-    positional argument when it is not a command and names a YAML file."""
-    i = _first_positional_index(argv)
+def implicit_run(argv: list[str], i: int | None, commands: Collection[str]) -> list[str]:
+    """``python -m imgci build.yaml …`` means ``imgci run build.yaml …``: insert ``run`` before ``argv[i]``, the
+    first positional argument (the command's place), when it is not a command and names a YAML file."""
     if i is None:
         return argv
     token = argv[i]

@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from imgci.cli import COMMANDS, build_parser
-from imgci.cli_run import first_positional
+from imgci.cli import COMMANDS, _common, build_parser, command_index
 from tests.conftest import REPO
 
 
@@ -46,19 +45,26 @@ ARGVS = [
 
 @pytest.mark.parametrize("argv", ARGVS, ids=lambda a: " ".join(a))
 def test_the_one_command_parser_parses_as_the_whole_one(argv: list[str]) -> None:
-    command = first_positional(argv)
+    i = command_index(argv, _common())
+    assert i is not None
+    command = argv[i]
     assert command in COMMANDS
     whole = vars(build_parser().parse_args(argv))
     one = vars(build_parser(command).parse_args(argv))
     assert one == whole
 
 
-def test_first_positional_skips_global_options_and_their_values() -> None:
-    assert first_positional(["--state", "push", "ls"]) == "ls"
-    assert first_positional(["-s", "/x", "-d", "--retries", "3", "push", "a"]) == "push"
-    assert first_positional(["--state=/x", "version"]) == "version"
-    assert first_positional(["-d", "--progress", "json"]) is None
-    assert first_positional([]) is None
+def test_the_command_is_found_past_global_options_and_their_values() -> None:
+    def command(argv: list[str]) -> str | None:
+        i = command_index(argv, _common())
+        return None if i is None else argv[i]
+
+    assert command(["--state", "push", "ls"]) == "ls"
+    assert command(["-s", "/x", "-d", "--retries", "3", "push", "a"]) == "push"
+    assert command(["--state=/x", "version"]) == "version"
+    assert command(["--insecure-registry", "build", "pull", "x"]) == "pull"
+    assert command(["-d", "--progress", "json"]) is None
+    assert command([]) is None
 
 
 def _imgci(*argv: str) -> subprocess.CompletedProcess[str]:
