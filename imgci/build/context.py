@@ -288,15 +288,21 @@ class DirectoryFS:
         return self._visible_names(real)
 
     def open(self, path: str) -> IO[bytes]:
-        clean = treepath.clean(path)
-        st = self._raw_lstat(clean)  # a layer's entries name real paths: nothing to resolve
-        if st is not None and stat.S_ISREG(st.st_mode) and self._visible(clean, st):
-            return self.open_real(clean)
-        real = self.resolve(path)
-        info = self._lstat_real(real) if real is not None else None
-        if real is None or info is None or info.type != "file":
+        found = self._regular_file(path)
+        if found is None:
             raise BuildError(f"{self._description}: {path!r} is not a regular file")
-        return self.open_real(real)
+        return self.open_real(found[0])
+
+    def _regular_file(self, path: str) -> tuple[str, os.stat_result] | None:
+        """``(real path, lstat)`` of the regular file ``path`` names (symlinks followed), or None. A real path —
+        what copy plans and layer entries hold — is stat'ed at once instead of resolved component by component."""
+        clean = treepath.clean(path)
+        st = self._raw_lstat(clean)
+        if st is not None and stat.S_ISREG(st.st_mode) and self._visible(clean, st):
+            return clean, st
+        real = self.resolve(path)  # (a resolved path is visible: resolve checks every component)
+        st = self._raw_lstat(real) if real is not None else None
+        return (real, st) if real is not None and st is not None and stat.S_ISREG(st.st_mode) else None
 
     # -- extras ------------------------------------------------------------------------------------------------
     def host_entry(self, path: str) -> tuple[str, os.stat_result, FileInfo] | None:
@@ -328,14 +334,10 @@ class DirectoryFS:
 
     def inode_key(self, path: str) -> tuple[int, int] | None:
         """``(dev, ino)`` of a regular file with more than one link (for hardlink preservation), else None."""
-        clean = treepath.clean(path)
-        st = self._raw_lstat(clean)  # copy plans pass a real path: nothing to resolve
-        if st is None or stat.S_ISLNK(st.st_mode) or not self._visible(clean, st):
-            real = self.resolve(path)
-            st = self._raw_lstat(real) if real is not None else None
-        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+        found = self._regular_file(path)
+        if found is None or found[1].st_nlink < 2:
             return None
-        return st.st_dev, st.st_ino
+        return found[1].st_dev, found[1].st_ino
 
 
 _NOT_DIR = FileInfo(path="", type="file", mode=0)
